@@ -1,0 +1,44 @@
+"""attnlib: the reference implementation behind "Attention, from first principles".
+
+Every chapter of the book calls these functions, and every exercise is graded against them.
+Shapes follow PyTorch: ``(B, H, L, D)`` for queries and ``(B, H, S, D)`` for keys/values.
+Boolean masks hold ``True`` where attention is allowed.
+"""
+
+from .attention import attention_weights, scaled_dot_product_attention, softmax
+from .flash import flash_attention
+from .gqa import repeat_kv
+from .kv_cache import KVCache, kv_cache_bytes
+from .linear import elu_feature_map, linear_attention
+from .masks import causal_mask, padding_mask
+from .multihead import MultiHeadAttention
+from .positional import alibi_bias, alibi_slopes, apply_rope, sinusoidal_positional_encoding
+from .rnn import ElmanRNN, hidden_state_gradient_norms
+from .sparse import bigbird_mask, longformer_mask, sliding_window_attention, sliding_window_mask
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "KVCache",
+    "ElmanRNN",
+    "MultiHeadAttention",
+    "alibi_bias",
+    "alibi_slopes",
+    "apply_rope",
+    "attention_weights",
+    "bigbird_mask",
+    "causal_mask",
+    "elu_feature_map",
+    "flash_attention",
+    "hidden_state_gradient_norms",
+    "kv_cache_bytes",
+    "linear_attention",
+    "longformer_mask",
+    "padding_mask",
+    "repeat_kv",
+    "scaled_dot_product_attention",
+    "sinusoidal_positional_encoding",
+    "sliding_window_attention",
+    "sliding_window_mask",
+    "softmax",
+]

@@ -1,0 +1,200 @@
+"""Scaled dot-product attention, written out by hand.
+
+Taught in chapter 2 (queries, keys and values), chapter 3 (the 1/sqrt(d_k) scale) and
+chapter 5 (masks). Every function here is checked against
+``torch.nn.functional.scaled_dot_product_attention`` in ``tests/test_attention.py``.
+
+Conventions (the same as PyTorch's fused function):
+
+* shapes are ``(..., L, E)`` for the query and ``(..., S, E)`` for key and value,
+  usually ``(B, H, L, head_dim)``;
+* a boolean mask holds ``True`` where a query **may attend** to a key;
+* a floating-point mask is **added** to the scores before the softmax;
+* ``is_causal=True`` with ``L != S`` is aligned **top-left**: query ``i`` sees keys
+  ``0 .. i``, whatever ``S`` is (use an explicit mask or a :class:`~attnlib.KVCache`
+  for the bottom-right alignment of decoding);
+* a query row whose keys are all masked gets **all-zero weights and a zero output**,
+  never NaN (PyTorch >= 2.5 does the same).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ._validate import check_floating, check_tensor, compute_dtype
+from .gqa import repeat_kv
+from .masks import causal_mask
+
+
+def softmax(x: Tensor, dim: int = -1) -> Tensor:
+    """Numerically stable softmax along ``dim`` (chapter 2).
+
+    The row maximum is subtracted before exponentiating, so logits of 1e4 give no
+    overflow; the result is unchanged because softmax(x) = softmax(x - c) for any c.
+    A row that is entirely ``-inf`` (every key masked) returns zeros, not NaN.
+    fp16/bf16 inputs are computed in fp32 and cast back.
+
+    Args:
+        x: logits of any shape, floating point.
+        dim: the axis that sums to one.
+
+    Returns:
+        A tensor of the same shape and dtype as ``x``.
+    """
+    check_tensor(x, "x", min_ndim=0)
+    check_floating(x, "x")
+    z = x.to(compute_dtype(x.dtype))
+    row_max = z.amax(dim=dim, keepdim=True).detach()  # shift: any constant gives the same result
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    e = torch.exp(z - row_max)
+    total = e.sum(dim=dim, keepdim=True)
+    return (e / torch.where(total == 0, torch.ones_like(total), total)).to(x.dtype)
+
+
+def _check_qkv(query: Tensor, key: Tensor, value: Tensor | None, enable_gqa: bool) -> None:
+    check_tensor(query, "query", min_ndim=2)
+    check_tensor(key, "key", min_ndim=2)
+    check_floating(query, "query")
+    tensors = {"key": key} if value is None else {"key": key, "value": value}
+    if value is not None:
+        check_tensor(value, "value", min_ndim=2)
+    for name, t in tensors.items():
+        if t.dtype != query.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but query has {query.dtype}; they must match")
+        if t.ndim != query.ndim:
+            raise ValueError(
+                f"query and {name} must have the same number of dimensions, got "
+                f"{tuple(query.shape)} and {tuple(t.shape)}"
+            )
+    if key.size(-1) != query.size(-1):
+        raise ValueError(
+            f"query and key must share the last dimension E (the head_dim): query is "
+            f"{tuple(query.shape)} (..., L, E), key is {tuple(key.shape)} (..., S, E)"
+        )
+    if value is not None and value.size(-2) != key.size(-2):
+        raise ValueError(
+            f"key and value must have the same length S: key is {tuple(key.shape)}, "
+            f"value is {tuple(value.shape)} (..., S, Ev)"
+        )
+    if enable_gqa:
+        if query.ndim < 3:
+            raise ValueError("enable_gqa needs a head axis: shapes (..., H, L, E)")
+        hq, hkv = query.size(-3), key.size(-3)
+        if hkv == 0 or hq % hkv != 0:
+            raise ValueError(
+                f"enable_gqa: the number of query heads ({hq}) must be a multiple of the "
+                f"number of key/value heads ({hkv})"
+            )
+
+
+def attention_weights(
+    query: Tensor,
+    key: Tensor,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> Tensor:
+    """The attention weights softmax(q k^T * scale + mask) (chapters 2, 3 and 5).
+
+    Args:
+        query: ``(..., L, E)``, e.g. ``(B, H, L, head_dim)``.
+        key: ``(..., S, E)``; with ``enable_gqa`` its head axis (``-3``) may be smaller
+            than the query's and is repeated with ``repeat_interleave`` (query head ``h``
+            uses key head ``h // (H_q / H_kv)``).
+        attn_mask: optional, broadcastable to ``(..., L, S)``. Boolean: ``True`` = may
+            attend. Floating point: added to the scores.
+        is_causal: apply the top-left aligned causal mask (query ``i`` sees keys
+            ``0..i``). Combined with ``attn_mask`` if both are given.
+        scale: multiplies the scores; default ``1 / sqrt(E)``.
+        enable_gqa: allow fewer key heads than query heads (grouped-query attention).
+
+    Returns:
+        ``(..., L, S)`` weights in the query's dtype; each row sums to 1, or is all
+        zeros if every key of that row is masked.
+    """
+    _check_qkv(query, key, None, enable_gqa)
+    return _weights(query, key, attn_mask, is_causal, scale, enable_gqa).to(query.dtype)
+
+
+def _weights(
+    query: Tensor,
+    key: Tensor,
+    attn_mask: Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+    enable_gqa: bool,
+) -> Tensor:
+    """attention_weights without the checks, in the compute dtype (fp32 for fp16/bf16)."""
+    dtype = compute_dtype(query.dtype)
+    q, k = query.to(dtype), key.to(dtype)
+    if enable_gqa:
+        k = repeat_kv(k, q.size(-3) // k.size(-3))  # (..., H_q, S, E)
+    L, S = q.size(-2), k.size(-2)
+    scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)) * scale  # (..., L, S)
+    if is_causal:
+        scores = scores.masked_fill(~causal_mask(L, S, device=q.device), float("-inf"))
+    if attn_mask is not None:
+        check_tensor(attn_mask, "attn_mask", min_ndim=0)
+        try:
+            shape = torch.broadcast_shapes(attn_mask.shape, scores.shape)
+        except RuntimeError:
+            shape = None
+        if shape != scores.shape:
+            raise ValueError(
+                f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to the "
+                f"scores' shape {tuple(scores.shape)} (..., L, S)"
+            )
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))  # True = may attend
+        elif attn_mask.is_floating_point():
+            scores = scores + attn_mask.to(dtype)  # float masks are added
+        else:
+            raise TypeError(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
+    return softmax(scores, dim=-1)
+
+
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k) + mask) V, by hand (chapter 2).
+
+    Same arguments and results as ``torch.nn.functional.scaled_dot_product_attention``;
+    see :func:`attention_weights` for the mask conventions.
+
+    Args:
+        query: ``(..., L, E)``.
+        key: ``(..., S, E)``.
+        value: ``(..., S, Ev)``.
+        attn_mask, is_causal, scale, enable_gqa: as in :func:`attention_weights`.
+        dropout_p: probability of zeroing each weight (the rest are scaled by
+            ``1 / (1 - dropout_p)``); applied whenever it is > 0, as PyTorch does.
+        generator: random generator for the dropout, for reproducible runs.
+
+    Returns:
+        ``(..., L, Ev)`` in the query's dtype. fp16/bf16 are computed in fp32.
+    """
+    _check_qkv(query, key, value, enable_gqa)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    weights = _weights(query, key, attn_mask, is_causal, scale, enable_gqa)  # (..., L, S)
+    if dropout_p > 0.0:
+        keep = torch.rand(weights.shape, generator=generator, device=weights.device) >= dropout_p
+        weights = weights * keep / (1.0 - dropout_p)
+    v = value.to(weights.dtype)
+    if enable_gqa:
+        v = repeat_kv(v, query.size(-3) // v.size(-3))  # (..., H_q, S, Ev)
+    return (weights @ v).to(query.dtype)  # (..., L, Ev)

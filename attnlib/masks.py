@@ -1,0 +1,58 @@
+"""Boolean attention masks: ``True`` means the query may attend to the key (chapter 5).
+
+This is the convention of ``torch.nn.functional.scaled_dot_product_attention``; note that
+``torch.nn.MultiheadAttention`` uses the opposite one (``True`` = blocked).
+The sparse patterns of chapter 10 live in :mod:`attnlib.sparse`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._validate import check_positive_int, check_tensor
+
+
+def causal_mask(L: int, S: int | None = None, device: torch.device | str | None = None) -> Tensor:
+    """The causal mask: query ``i`` may attend to keys ``0..i`` (chapter 5).
+
+    Aligned top-left, exactly as ``is_causal=True`` in PyTorch: with ``S > L`` the last
+    ``S - L`` keys are never seen; with ``L > S`` the last queries see every key.
+
+    Args:
+        L: number of queries.
+        S: number of keys; defaults to ``L``.
+        device: where to build the mask.
+
+    Returns:
+        ``(L, S)`` boolean tensor, broadcastable against ``(B, H, L, S)`` scores.
+    """
+    check_positive_int(L, "L", allow_zero=True)
+    S = L if S is None else check_positive_int(S, "S", allow_zero=True)
+    return torch.ones(L, S, dtype=torch.bool, device=device).tril()
+
+
+def padding_mask(lengths: Tensor, S: int) -> Tensor:
+    """Mask out the padding keys of a batch of sequences of unequal length (chapter 5).
+
+    Args:
+        lengths: ``(B,)`` integer tensor; sequence ``b`` has real tokens at positions
+            ``0 .. lengths[b] - 1`` and padding after them.
+        S: padded length (number of keys).
+
+    Returns:
+        ``(B, 1, 1, S)`` boolean tensor, ``True`` at real tokens; it broadcasts against
+        ``(B, H, L, S)`` scores. A sequence of length 0 masks every key, so its rows get
+        zero weights (see :func:`attnlib.attention_weights`).
+    """
+    check_tensor(lengths, "lengths", min_ndim=1)
+    if lengths.ndim != 1 or lengths.is_floating_point() or lengths.dtype == torch.bool:
+        raise ValueError(
+            f"lengths must be a 1-D integer tensor of shape (B,), got dtype {lengths.dtype} "
+            f"and shape {tuple(lengths.shape)}"
+        )
+    check_positive_int(S, "S", allow_zero=True)
+    if bool((lengths < 0).any()) or bool((lengths > S).any()):
+        raise ValueError(f"every length must be between 0 and S={S}, got {lengths.tolist()}")
+    positions = torch.arange(S, device=lengths.device)  # (S,)
+    return (positions[None, :] < lengths[:, None])[:, None, None, :]  # (B, 1, 1, S)

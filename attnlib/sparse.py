@@ -1,0 +1,288 @@
+"""Sparse attention: local windows, global tokens, random blocks (chapter 10).
+
+Dense attention scores every query against every key, so time and memory grow as
+``L^2``. The patterns here keep a fixed number of keys per query instead:
+
+* :func:`sliding_window_mask`: each query sees its neighbours within a reach ``window``;
+* :func:`longformer_mask`: the window plus a few *global* tokens (Beltagy et al., 2020);
+* :func:`bigbird_mask`: window, global and random *blocks* (Zaheer et al., 2020);
+* :func:`sliding_window_attention`: the window pattern computed band by band, in
+  ``O(L * window)`` memory, never building an ``L x L`` tensor.
+
+The masks are ``(L, L)`` booleans, ``True`` = may attend (the convention of
+``torch.nn.functional.scaled_dot_product_attention``), for self-attention over one
+sequence of length ``L``; they broadcast against ``(B, H, L, L)`` scores. Building them
+costs ``L^2`` memory on purpose: they are for teaching, plotting and checking. Only
+:func:`sliding_window_attention` is the efficient version.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ._validate import check_positive_int, compute_dtype
+from .attention import _check_qkv
+
+
+def _check_bool(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def sliding_window_mask(L: int, window: int, causal: bool = False) -> Tensor:
+    """The local (sliding-window) pattern: each query sees the keys near it (chapter 10).
+
+    ``window`` is the **reach**, the largest allowed distance ``|i - j|``:
+
+    * non-causal: query ``i`` may attend to key ``j`` iff ``|i - j| <= window``, so up
+      to ``2 * window + 1`` keys, itself included;
+    * causal: iff ``0 <= i - j <= window``, so up to ``window + 1`` keys, itself
+      included (fewer near the start of the sequence).
+
+    ``window=0`` keeps only the diagonal; ``window >= L - 1`` allows everything (or the
+    full causal triangle). Other conventions, translated: Longformer's window ``w`` is
+    the *total* width, ``w / 2`` on each side, so ``window = w // 2``; a Mistral-style
+    window of ``W`` tokens *including the current one* (causal) is ``window = W - 1``.
+
+    Args:
+        L: sequence length (queries and keys are the same sequence).
+        window: reach, ``>= 0``.
+        causal: also forbid keys after the query.
+
+    Returns:
+        ``(L, L)`` boolean tensor, ``True`` = may attend.
+    """
+    check_positive_int(L, "L", allow_zero=True)
+    check_positive_int(window, "window", allow_zero=True)
+    _check_bool(causal, "causal")
+    pos = torch.arange(L)  # (L,)
+    dist = pos[:, None] - pos[None, :]  # (L, L): i - j
+    if causal:
+        return (dist >= 0) & (dist <= window)
+    return dist.abs() <= window
+
+
+def _check_indices(indices: object, L: int, name: str) -> Tensor:
+    """Turn a sequence of ints or a 1-D integer tensor into a tensor of positions < L."""
+    if isinstance(indices, Tensor):
+        if indices.ndim != 1 or indices.is_floating_point() or indices.is_complex() \
+                or indices.dtype == torch.bool:
+            raise TypeError(
+                f"{name} must be a 1-D integer tensor or a sequence of ints, got a tensor of "
+                f"dtype {indices.dtype} and shape {tuple(indices.shape)}"
+            )
+        idx = indices.detach().to("cpu", torch.long)
+    elif isinstance(indices, Sequence) and not isinstance(indices, (str, bytes)):
+        for i in indices:
+            if isinstance(i, bool) or not isinstance(i, int):
+                raise TypeError(f"{name} must hold ints, got {type(i).__name__} ({i!r})")
+        idx = torch.tensor(list(indices), dtype=torch.long)
+    else:
+        raise TypeError(
+            f"{name} must be a sequence of ints or a 1-D integer tensor, got "
+            f"{type(indices).__name__}"
+        )
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= L):
+        raise ValueError(
+            f"every index in {name} must be in [0, L) = [0, {L}), got {idx.tolist()}"
+        )
+    return idx
+
+
+def longformer_mask(L: int, window: int, global_tokens: Sequence[int] | Tensor) -> Tensor:
+    """Longformer's pattern: a sliding window plus global tokens (chapter 10).
+
+    From Beltagy, Peters and Cohan, "Longformer: The Long-Document Transformer" (2020).
+    Every query sees the keys within reach ``window`` (``|i - j| <= window``, see
+    :func:`sliding_window_mask`). In addition each *global* token ``g`` (e.g. ``[CLS]`` or
+    the question tokens in QA) attends to every position (row ``g`` all ``True``) and is
+    attended to by every position (column ``g`` all ``True``): two hops connect any pair.
+    The pattern is symmetric.
+
+    Args:
+        L: sequence length.
+        window: reach of the local window, ``>= 0`` (Longformer's total width ``w`` is
+            ``2 * window``).
+        global_tokens: positions of the global tokens, a sequence of ints or a 1-D
+            integer tensor, each in ``[0, L)``; duplicates are fine, may be empty.
+
+    Returns:
+        ``(L, L)`` boolean tensor, ``True`` = may attend.
+    """
+    mask = sliding_window_mask(L, window)  # (L, L)
+    idx = _check_indices(global_tokens, L, "global_tokens")  # (G,)
+    mask[idx, :] = True  # global tokens see everything
+    mask[:, idx] = True  # and everything sees them
+    return mask
+
+
+def bigbird_mask(
+    L: int,
+    block_size: int,
+    n_window_blocks: int,
+    n_global_blocks: int,
+    n_random_blocks: int,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """BigBird's pattern of window, global and random blocks (chapter 10).
+
+    From Zaheer et al., "Big Bird: Transformers for Longer Sequences" (NeurIPS 2020).
+    The sequence is cut into blocks of ``block_size`` tokens (the last one is shorter if
+    ``block_size`` does not divide ``L``), and the pattern is decided per pair of blocks:
+    token ``i`` may attend to token ``j`` iff block ``i // block_size`` may attend to
+    block ``j // block_size``. A query block may attend to:
+
+    * **window**: the ``n_window_blocks`` key blocks centred on its own, i.e. blocks at
+      distance ``<= (n_window_blocks - 1) // 2`` (odd, so the window is centred; clipped
+      at the ends of the sequence);
+    * **global**: the first ``n_global_blocks`` blocks, which also attend to every block
+      (their rows and columns are all ``True``); more than exist means all of them;
+    * **random**: for each non-global query block, ``n_random_blocks`` further key blocks
+      drawn uniformly without replacement among those not already allowed for it (all of
+      them if fewer remain). Random blocks are per query block, so this part is not
+      symmetric.
+
+    The random draw uses ``generator`` (a CPU ``torch.Generator``), one ``randperm`` per
+    non-global query block in order; the generator is advanced only when
+    ``n_random_blocks > 0``. The default is a fresh generator seeded with 0, so the
+    default mask is deterministic: pass your own generator to vary it.
+
+    Args:
+        L: sequence length.
+        block_size: tokens per block, ``>= 1``.
+        n_window_blocks: odd, ``>= 1``; 3 is BigBird's choice.
+        n_global_blocks: ``>= 0``.
+        n_random_blocks: ``>= 0``.
+        generator: source of randomness for the random blocks.
+
+    Returns:
+        ``(L, L)`` boolean tensor, ``True`` = may attend.
+    """
+    check_positive_int(L, "L", allow_zero=True)
+    check_positive_int(block_size, "block_size")
+    check_positive_int(n_window_blocks, "n_window_blocks")
+    if n_window_blocks % 2 == 0:
+        raise ValueError(
+            f"n_window_blocks must be odd so the window is centred on the query's own block, "
+            f"got {n_window_blocks}"
+        )
+    check_positive_int(n_global_blocks, "n_global_blocks", allow_zero=True)
+    check_positive_int(n_random_blocks, "n_random_blocks", allow_zero=True)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+
+    nb = math.ceil(L / block_size)  # number of blocks, the last may be partial
+    blocks = torch.arange(nb)  # (nb,)
+    allowed = (blocks[:, None] - blocks[None, :]).abs() <= n_window_blocks // 2  # (nb, nb)
+    n_global = min(n_global_blocks, nb)
+    allowed[:n_global, :] = True  # global blocks see every block
+    allowed[:, :n_global] = True  # and every block sees them
+    if n_random_blocks > 0:
+        gen = torch.Generator().manual_seed(0) if generator is None else generator
+        for qb in range(n_global, nb):  # global rows are already full
+            candidates = (~allowed[qb]).nonzero().flatten()  # (n_free,)
+            order = torch.randperm(candidates.numel(), generator=gen)  # (n_free,)
+            allowed[qb, candidates[order[:n_random_blocks]]] = True
+    block_of = torch.arange(L) // block_size  # (L,): the block of each token
+    return allowed[block_of[:, None], block_of[None, :]]  # (L, L)
+
+
+def _block_size(window: int, L: int) -> int:
+    """Queries per band block: 64, or the reach if larger, never more than ``L``.
+
+    A block of ``b`` queries scores ``b + 2 * window`` keys, ``2 * window + 1`` of which a
+    query actually needs, so smaller blocks waste less work; below ~64 the matrix
+    products get too small to run fast. Measured on a 2-core CPU at d=64, window=256.
+    """
+    return max(1, min(max(window, 64), L))
+
+
+def sliding_window_attention(
+    query: Tensor, key: Tensor, value: Tensor, window: int, causal: bool = False
+) -> Tensor:
+    """Sliding-window self-attention, computed band by band (chapter 10).
+
+    Equal to dense attention with ``attn_mask=sliding_window_mask(L, window, causal)``
+    and the default scale ``1 / sqrt(E)``: query ``i`` attends to the keys ``j`` with
+    ``|i - j| <= window`` (or ``0 <= i - j <= window`` when ``causal``). But no ``L x L``
+    score matrix or mask is ever built: the queries are cut into blocks of ``b`` rows
+    (``b = max(window, 64)``, at most ``L``); block ``[s, s + b)`` needs only the keys in
+    ``[s - window, s + b + window)`` (``[s - window, s + b)`` when causal), so its scores
+    are ``(b, b + 2 * window)``. All blocks are computed at once by zero-padding the keys
+    at both ends and viewing them as overlapping windows (``Tensor.unfold``); keys that
+    fall outside the band or outside the sequence are masked. Memory and time are
+    ``O(L * (b + 2 * window))`` per batch-and-head instead of ``O(L^2)``.
+
+    Args:
+        query: ``(..., L, E)``, e.g. ``(B, H, L, head_dim)``.
+        key: ``(..., L, E)``: the same length, this is self-attention.
+        value: ``(..., L, Ev)``.
+        window: reach, ``>= 0`` (see :func:`sliding_window_mask` for the convention).
+        causal: forbid keys after the query.
+
+    Returns:
+        ``(..., L, Ev)`` in the query's dtype; fp16/bf16 are computed in fp32.
+    """
+    _check_qkv(query, key, value, enable_gqa=False)
+    check_positive_int(window, "window", allow_zero=True)
+    _check_bool(causal, "causal")
+    L, S = query.size(-2), key.size(-2)
+    if L != S:
+        raise ValueError(
+            f"sliding_window_attention is self-attention: query and key must have the same "
+            f"length, got L={L} (query {tuple(query.shape)}) and S={S} (key {tuple(key.shape)})"
+        )
+    dtype = compute_dtype(query.dtype)
+    try:
+        batch = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+    except RuntimeError:
+        raise ValueError(
+            f"the leading (batch, head) dimensions of query {tuple(query.shape)}, key "
+            f"{tuple(key.shape)} and value {tuple(value.shape)} do not broadcast"
+        ) from None
+    if L == 0:
+        return query.new_zeros(*batch, 0, value.size(-1))
+
+    w = min(window, L - 1)  # a reach beyond the sequence changes nothing
+    b = _block_size(w, L)  # queries per block
+    nb = math.ceil(L / b)  # number of query blocks
+    reach = w if causal else 2 * w  # a block's keys span b + reach positions
+    width = b + reach
+    q = query.to(dtype)
+    k, v = key.to(dtype), value.to(dtype)
+
+    # Queries: pad to a whole number of blocks and cut into blocks.
+    q = torch.nn.functional.pad(q, (0, 0, 0, nb * b - L))  # (..., nb*b, E), zeros at the end
+    q = q.unflatten(-2, (nb, b))  # (..., nb, b, E)
+    # Keys and values: pad `w` zeros in front (key -w sits at padded index 0) and enough
+    # behind, then view block n's keys, original positions [n*b - w, n*b - w + width).
+    right = nb * b - L + reach - w
+    k = torch.nn.functional.pad(k, (0, 0, w, right))  # (..., w + nb*b + reach - w, E)
+    v = torch.nn.functional.pad(v, (0, 0, w, right))  # (..., same, Ev)
+    k = k.unfold(-2, width, b)  # (..., nb, E, width): a view, block n starts at n*b
+    v = v.unfold(-2, width, b).transpose(-2, -1)  # (..., nb, width, Ev)
+
+    # Query r of a block is position i = n*b + r, key c is j = n*b - w + c, so
+    # i - j = r + w - c and the band condition is r <= c <= r + reach, for every block.
+    r = torch.arange(b, device=q.device)[:, None]  # (b, 1)
+    c = torch.arange(width, device=q.device)[None, :]  # (1, width)
+    outside_band = (c < r) | (c > r + reach)  # (b, width)
+    # A finite fill, not -inf: padded query rows past L may see no key at all and must
+    # give a finite softmax (they are dropped, but NaN would poison the gradients).
+    fill = torch.finfo(dtype).min
+    scores = (q * (1.0 / math.sqrt(q.size(-1)))) @ k  # (..., nb, b, width)
+    scores.masked_fill_(outside_band, fill)  # one (b, width) mask serves every block
+    # The zero-padding keys (j < 0 or j >= L) appear only in the first and last blocks.
+    j = torch.arange(nb, device=q.device)[:, None] * b - w + c  # (nb, width)
+    padding = (j < 0) | (j >= L)  # (nb, width)
+    edge = padding.any(dim=-1).nonzero().flatten()  # (n_edge,): a few block indices
+    scores[..., edge, :, :] = scores[..., edge, :, :].masked_fill(padding[edge, None, :], fill)
+    weights = torch.softmax(scores, dim=-1)  # (..., nb, b, width)
+    out = weights @ v  # (..., nb, b, Ev)
+    out = out.flatten(-3, -2)[..., :L, :]  # (..., L, Ev)
+    return out.to(query.dtype)

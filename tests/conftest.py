@@ -1,0 +1,23 @@
+"""Shared test helpers: seeded random tensors and the low-precision error rule."""
+
+from __future__ import annotations
+
+import torch
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+def randn(*shape: int, dtype: torch.dtype = torch.float64, seed: int = 0) -> torch.Tensor:
+    """A standard-normal tensor from its own seeded generator (no global RNG state)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+
+def assert_low_precision_ok(ours: torch.Tensor, theirs: torch.Tensor, exact: torch.Tensor,
+                            floor: float = 1e-6) -> None:
+    """The flash-attn rule: our low-precision error against an fp64 reference is at most
+    twice PyTorch's own low-precision error (plus a tiny floor)."""
+    assert ours.dtype == theirs.dtype, (ours.dtype, theirs.dtype)
+    our_err = (ours.double() - exact).abs().max().item()
+    their_err = (theirs.double() - exact).abs().max().item()
+    assert our_err <= 2 * their_err + floor, f"ours {our_err:.3g} vs torch {their_err:.3g}"

@@ -1,0 +1,69 @@
+"""The public contract: names, docstrings, type hints and the command line."""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+import attnlib
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", attnlib.__all__)
+def test_public_names_documented_and_typed(name):
+    obj = getattr(attnlib, name)
+    doc = inspect.getdoc(obj) or ""
+    assert "chapter" in doc.lower(), f"{name}'s docstring should say which chapter teaches it"
+    fn = obj.forward if inspect.isclass(obj) and hasattr(obj, "forward") else obj
+    fn = fn.__init__ if inspect.isclass(fn) else fn
+    sig = inspect.signature(fn)
+    missing = [p for p in sig.parameters.values()
+               if p.name not in ("self", "cls") and p.annotation is inspect.Parameter.empty]
+    assert not missing, f"{name}: parameters without type hints: {[p.name for p in missing]}"
+
+
+def test_signatures_of_the_contract():
+    expect = {
+        "scaled_dot_product_attention": ["query", "key", "value", "attn_mask", "dropout_p",
+                                         "is_causal", "scale", "enable_gqa", "generator"],
+        "attention_weights": ["query", "key", "attn_mask", "is_causal", "scale", "enable_gqa"],
+        "causal_mask": ["L", "S", "device"],
+        "padding_mask": ["lengths", "S"],
+        "repeat_kv": ["x", "n_rep"],
+        "kv_cache_bytes": ["n_layers", "n_kv_heads", "head_dim", "seq_len", "batch", "dtype"],
+        "flash_attention": ["query", "key", "value", "is_causal", "scale", "block_q", "block_k",
+                            "return_lse"],
+        "sliding_window_attention": ["query", "key", "value", "window", "causal"],
+        "linear_attention": ["query", "key", "value", "causal", "feature_map"],
+    }
+    for name, params in expect.items():
+        assert list(inspect.signature(getattr(attnlib, name)).parameters) == params, name
+    mha = inspect.signature(attnlib.MultiHeadAttention.forward).parameters
+    assert list(mha) == ["self", "x", "context", "attn_mask", "is_causal", "kv_cache"]
+    assert list(inspect.signature(attnlib.KVCache).parameters) == []
+
+
+def test_console_script_is_declared():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["project"]["scripts"]["attnlib"] == "attnlib.cli:main"
+
+
+def test_selfcheck_command_passes():
+    run = subprocess.run([sys.executable, "-m", "attnlib.cli", "selfcheck"], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.count("ok ") == 4 and "FAIL" not in run.stdout
+
+
+def test_cli_version_and_help():
+    run = subprocess.run([sys.executable, "-m", "attnlib.cli", "--version"], capture_output=True,
+                         text=True, timeout=60)
+    assert run.stdout.strip() == f"attnlib {attnlib.__version__}"
+    run = subprocess.run([sys.executable, "-m", "attnlib.cli"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "selfcheck" in run.stdout
