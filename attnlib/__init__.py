@@ -5,6 +5,7 @@ Shapes follow PyTorch: ``(B, H, L, D)`` for queries and ``(B, H, S, D)`` for key
 Boolean masks hold ``True`` where attention is allowed.
 """
 
+from . import measure, plotting
 from .attention import attention_weights, scaled_dot_product_attention, softmax
 from .flash import flash_attention
 from .gqa import repeat_kv
@@ -12,7 +13,14 @@ from .kv_cache import KVCache, kv_cache_bytes
 from .linear import elu_feature_map, linear_attention
 from .masks import causal_mask, padding_mask
 from .multihead import MultiHeadAttention
-from .positional import alibi_bias, alibi_slopes, apply_rope, sinusoidal_positional_encoding
+from .positional import (
+    alibi_bias,
+    alibi_slopes,
+    apply_rope,
+    apply_rope_interleaved,
+    rope_permutation,
+    sinusoidal_positional_encoding,
+)
 from .rnn import ElmanRNN, hidden_state_gradient_norms
 from .sparse import bigbird_mask, longformer_mask, sliding_window_attention, sliding_window_mask
 
@@ -25,6 +33,7 @@ __all__ = [
     "alibi_bias",
     "alibi_slopes",
     "apply_rope",
+    "apply_rope_interleaved",
     "attention_weights",
     "bigbird_mask",
     "causal_mask",
@@ -36,6 +45,7 @@ __all__ = [
     "longformer_mask",
     "padding_mask",
     "repeat_kv",
+    "rope_permutation",
     "scaled_dot_product_attention",
     "sinusoidal_positional_encoding",
     "sliding_window_attention",

@@ -130,7 +130,7 @@ def _rope_angles(x: Tensor, positions: Tensor | None, base: float) -> Tensor:
         if positions.is_floating_point() and not bool(
             (torch.isfinite(positions) & (positions == positions.round())).all()
         ):
-            raise ValueError("positions must be whole numbers (token indices), got fractions or inf/nan")
+            raise ValueError("positions must be whole numbers (token indices), not fractions or inf/nan")
         if bool((positions < 0).any()):
             raise ValueError("positions must be >= 0")
         if positions.ndim > 2 or positions.size(-1) != L:
@@ -145,7 +145,8 @@ def _rope_angles(x: Tensor, positions: Tensor | None, base: float) -> Tensor:
             )
         positions = positions.to(x.device)
     # The Hugging Face LLaMA arithmetic, step for step, all in fp32.
-    inv_freq = (1.0 / (base ** (torch.arange(0, D, 2, dtype=torch.float64, device=x.device) / D))).float()  # (D/2,)
+    two_i = torch.arange(0, D, 2, dtype=torch.int64, device=x.device).float()  # (D/2,)
+    inv_freq = 1.0 / (base ** (two_i / D))  # (D/2,)
     angles = positions.float()[..., None] * inv_freq  # (L, D/2) or (B, L, D/2)
     if angles.ndim == 3:  # (B, L, D/2) -> (B, 1, .., 1, L, D/2): one angle per batch row, all heads
         angles = angles.view(angles.size(0), *([1] * (x.ndim - 3)), L, D // 2)

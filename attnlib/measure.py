@@ -1,0 +1,85 @@
+"""Measuring cost: wall time and peak tensor memory of a call (chapters 1, 6, 8, 9, 10).
+
+``peak_memory_bytes`` counts the bytes of every tensor storage that PyTorch operations create
+while the call runs, minus those freed again, and reports the highest level reached. It is
+deterministic (the same number every run, whatever else the machine does), which makes it
+fit for asserting growth rates in the book. It sees tensors, not the scratch buffers a
+kernel may use internally, nor memory held by Python objects; the benchmark script in
+``benchmarks/`` measures whole-process peak memory instead.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import weakref
+from typing import Any, Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+class _StorageTracker(TorchDispatchMode):
+    """Adds up the bytes of storages created under it, and subtracts them when freed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.current = 0
+        self.peak = 0
+        self.live: dict[int, int] = {}  # data_ptr -> nbytes of storages created here
+
+    def _freed(self, ptr: int, nbytes: int) -> None:
+        if self.live.pop(ptr, None) is not None:
+            self.current -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
+        out = func(*args, **kwargs)
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            ptr, nbytes = storage.data_ptr(), storage.nbytes()
+            if nbytes == 0 or ptr in inputs or ptr in self.live:
+                continue  # a view of an existing tensor, or already counted
+            self.live[ptr] = nbytes
+            self.current += nbytes
+            self.peak = max(self.peak, self.current)
+            weakref.finalize(storage, self._freed, ptr, nbytes)
+        return out
+
+
+def peak_memory_bytes(fn: Callable[[], Any]) -> int:
+    """Peak bytes of tensor storage allocated while ``fn()`` runs, above the level at its start.
+
+    The result of ``fn`` counts while it is alive inside the call (it is dropped at the end).
+    Example: naive attention at ``L = S = 1024`` in fp32 allocates the ``(L, S)`` score matrix
+    (4 MiB) and a few copies of it; flash attention only tiles.
+    """
+    tracker = _StorageTracker()
+    with torch.no_grad(), tracker:
+        result = fn()
+    del result
+    return tracker.peak
+
+
+def time_call(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` in seconds over ``repeats`` runs, after ``warmup`` runs.
+
+    Timings depend on the machine and on what else runs on it: compare methods measured in
+    the same process, and trust ratios and growth rates more than absolute numbers.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
