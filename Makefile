@@ -1,4 +1,6 @@
-# Two entry points for a fresh machine (see README): `make book` and `make test`.
+# Two entry points for a fresh machine (see README):
+#   make book   create .venv, build the website (every chapter executed) into _build/html
+#   make test   create .venv, run the unit tests, build the book, test the site in Chromium
 # Both create .venv from the pinned requirements.txt the first time.
 PYTHON ?= python3
 VENV := .venv
@@ -6,8 +8,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # This project's machines keep a CPU build of torch in /opt/wheels; elsewhere pip uses PyPI.
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+JOBS ?= 2
 
-.PHONY: book test bench clean venv
+.PHONY: book test unit site-test browser bench clean venv
 
 venv: $(STAMP)
 
@@ -20,10 +24,19 @@ $(STAMP): requirements.txt pyproject.toml
 
 book: $(STAMP)
 	$(BIN)/jupyter-book build . -W -n --keep-going
-	@echo "Open _build/html/index.html"
+	@echo "The site is in _build/html (open _build/html/index.html)."
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+unit: $(STAMP)
+	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile tests --ignore=tests/site
+
+# Debian's Chromium for the site test (Playwright drives it; it never downloads a browser).
+browser:
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }
+
+site-test: $(STAMP) browser
+	$(BIN)/python -m pytest tests/site
+
+test: unit book site-test
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/attention_bench.py

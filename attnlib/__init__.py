@@ -23,6 +23,7 @@ from .positional import (
 )
 from .rnn import ElmanRNN, hidden_state_gradient_norms
 from .sparse import bigbird_mask, longformer_mask, sliding_window_attention, sliding_window_mask
+from .vision import patchify, unpatchify
 
 __version__ = "0.1.0"
 
@@ -44,6 +45,7 @@ __all__ = [
     "linear_attention",
     "longformer_mask",
     "padding_mask",
+    "patchify",
     "repeat_kv",
     "rope_permutation",
     "scaled_dot_product_attention",
@@ -51,4 +53,5 @@ __all__ = [
     "sliding_window_attention",
     "sliding_window_mask",
     "softmax",
+    "unpatchify",
 ]

@@ -197,8 +197,10 @@ BLOCK_SIZE = 64
 
 A block of ``b`` queries scores ``b + 2 * window`` keys, of which each query needs only
 ``2 * window + 1``, so small blocks waste less work; too small and the many tiny matrix
-products are slow. On a 2-core CPU at d=64, window=256, L=4096..16384, b=64 beat 32, 128
-and 256 (and b = window) by 10-40%.
+products are slow. Measured on this course's 2-core CPU (one thread, d=64, window=256,
+one head): b=64 took 0.021 s at L=4096 and 0.13 s at L=16384; b=32 was up to 2x slower at
+L=4096, b=128 20-80% slower and b=256 (= window) 30-80% slower. Dense attention with the
+mask (``F.scaled_dot_product_attention``) took 0.15 s and 2.5 s.
 """
 
 
@@ -210,13 +212,14 @@ def sliding_window_attention(
     Equal to dense attention with ``attn_mask=sliding_window_mask(L, window, causal)``
     and the default scale ``1 / sqrt(E)``: query ``i`` attends to the keys ``j`` with
     ``|i - j| <= window`` (or ``0 <= i - j <= window`` when ``causal``). But no ``L x L``
-    score matrix or mask is ever built: the queries are cut into blocks of ``b`` rows
-    (``b =`` :data:`BLOCK_SIZE` ``= 64``, at most ``L``); block ``[s, s + b)`` needs only the keys in
-    ``[s - window, s + b + window)`` (``[s - window, s + b)`` when causal), so its scores
-    are ``(b, b + 2 * window)``. All blocks are computed at once by zero-padding the keys
-    at both ends and viewing them as overlapping windows (``Tensor.unfold``); keys that
-    fall outside the band or outside the sequence are masked. Memory and time are
-    ``O(L * (b + 2 * window))`` per batch-and-head instead of ``O(L^2)``.
+    score matrix or mask is ever built. The queries are cut into blocks of ``b`` rows
+    (:data:`BLOCK_SIZE`, 64, or ``L`` if shorter); block ``[s, s + b)`` needs only the keys
+    in ``[s - window, s + b + window)`` (``[s - window, s + b)`` when causal), so its
+    scores are ``(b, b + 2 * window)`` (``(b, b + window)``). All blocks are computed at
+    once: the keys are zero-padded at both ends and viewed as overlapping windows
+    (``Tensor.unfold``), and keys outside the band or outside the sequence are masked.
+    Memory and time are ``O(L * (b + 2 * window))`` per batch-and-head instead of
+    ``O(L^2)``; a ``window`` of ``L`` or more is clipped to ``L - 1`` (everything).
 
     Args:
         query: ``(..., L, E)``, e.g. ``(B, H, L, head_dim)``.
@@ -281,7 +284,7 @@ def sliding_window_attention(
     j = torch.arange(nb, device=q.device)[:, None] * b - w + c  # (nb, width)
     padding = (j < 0) | (j >= L)  # (nb, width)
     edge = padding.any(dim=-1).nonzero().flatten()  # (n_edge,): a few block indices
-    _ = scores[..., edge, :, :].masked_fill(padding[edge, None, :], fill)
+    scores[..., edge, :, :] = scores[..., edge, :, :].masked_fill(padding[edge, None, :], fill)
     weights = torch.softmax(scores, dim=-1)  # (..., nb, b, width)
     out = weights @ v  # (..., nb, b, Ev)
     out = out.flatten(-3, -2)[..., :L, :]  # (..., L, Ev)
