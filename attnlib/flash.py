@@ -12,7 +12,8 @@ When a new tile raises the max from ``m_old`` to ``m_new``, everything accumulat
 was exponentiated against the wrong shift, so ``l`` and ``acc`` are multiplied by
 ``exp(m_old - m_new)`` before the tile's own terms are added. After the last tile,
 ``acc / l`` is exactly ``softmax(scores) @ value``, and ``m + log(l)`` is the row's
-log-sum-exp. No tensor bigger than a ``(block_q, block_k)`` tile per head is ever made.
+log-sum-exp. The largest score-shaped tensor is one ``(block_q, block_k)`` tile per head:
+nothing of size ``L x S`` is ever made.
 
 The backward pass (:class:`_FlashAttentionFunction`) saves only ``q, k, v``, the output
 and the log-sum-exp, and recomputes each tile of probabilities from them
@@ -33,11 +34,8 @@ from torch.autograd.function import once_differentiable
 from ._validate import check_positive_int, compute_dtype
 from .attention import _check_qkv
 
-# Measured on the course's 2-core CPU, (1, 8, 4096, 64) fp32: naive 1.45 s; flash with the
-# query-block-outer loop 0.52 s at 256x256 (0.65 s at 128, 0.73 s at 512; key-block-outer
-# no faster), (1, 1, 4096, 64): naive ~0.17 s, flash ~0.10 s; 256 balances tile work vs.
-# Python overhead and keeps a tile (256 x 256 x 4 B x heads) in cache. See ``DEFAULT_*``.
-DEFAULT_BLOCK_Q = 256
+# Measured on the 2-core CPU, fp32 (1, H, 4096, 64), best of 4-6: H=8 naive 1.04 s, flash 512x256 0.41 s (512x512 0.44, 256x256 0.42-0.49, 128x128 0.48-0.55, key-block-outer loop no better); H=1 naive 0.12-0.18 s, 512x256 0.06 s, 128x128 0.15 s (per-tile Python overhead): 512x256 is fastest or tied with a small tile.
+DEFAULT_BLOCK_Q = 512
 DEFAULT_BLOCK_K = 256
 
 
@@ -169,17 +167,29 @@ def _flatten(query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor,
     return q, k, v
 
 
+def _flash_forward(query: Tensor, key: Tensor, value: Tensor, is_causal: bool, scale: float,
+                   block_q: int, block_k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The forward on the caller's shapes: out (..., L, Ev) in the query's dtype, lse
+    (..., L) in the compute dtype, and the same two flattened in the compute dtype,
+    (N, L, Ev) and (N, L), which the backward pass keeps."""
+    out_flat, lse_flat = _forward(*_flatten(query, key, value), is_causal, scale,
+                                  block_q, block_k)
+    *lead, L, _ = query.shape
+    out = out_flat.reshape(*lead, L, value.size(-1)).to(query.dtype)  # (..., L, Ev)
+    return out, lse_flat.reshape(*lead, L), out_flat, lse_flat
+
+
 class _FlashAttentionFunction(torch.autograd.Function):
     """Autograd wrapper: saves q, k, v, the output and lse (never the (L, S) matrix)."""
 
     @staticmethod
     def forward(ctx, query: Tensor, key: Tensor, value: Tensor, is_causal: bool, scale: float,
                 block_q: int, block_k: int) -> tuple[Tensor, Tensor]:
-        out, lse = _forward(*_flatten(query, key, value), is_causal, scale, block_q, block_k)
-        ctx.save_for_backward(query, key, value, out, lse)
+        out, lse, out_flat, lse_flat = _flash_forward(query, key, value, is_causal, scale,
+                                                      block_q, block_k)
+        ctx.save_for_backward(query, key, value, out_flat, lse_flat)
         ctx.config = (is_causal, scale, block_q, block_k)
-        *lead, L, _ = query.shape
-        return out.reshape(*lead, L, value.size(-1)).to(query.dtype), lse.reshape(*lead, L)
+        return out, lse
 
     @staticmethod
     @once_differentiable
@@ -239,7 +249,5 @@ def flash_attention(
         out, lse = _FlashAttentionFunction.apply(query, key, value, is_causal, scale,
                                                  block_q, block_k)
     else:
-        out, lse = _forward(*_flatten(query, key, value), is_causal, scale, block_q, block_k)
-        *lead, L, _ = query.shape
-        out, lse = out.reshape(*lead, L, value.size(-1)).to(query.dtype), lse.reshape(*lead, L)
+        out, lse, _, _ = _flash_forward(query, key, value, is_causal, scale, block_q, block_k)
     return (out, lse) if return_lse else out

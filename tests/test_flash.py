@@ -158,6 +158,18 @@ def test_low_precision_by_the_2x_rule(dtype, shape, is_causal):
     assert (lse.double() - exact_lse).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("dtype,lse_dtype", [(torch.float16, torch.float32),
+                                             (torch.bfloat16, torch.float32),
+                                             (torch.float32, torch.float32),
+                                             (torch.float64, torch.float64)])
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_output_and_lse_dtypes(dtype, lse_dtype, requires_grad):
+    q, k, v = qkv((2,), 5, 6, 4, 3, dtype=dtype, requires_grad=requires_grad)
+    out, lse = flash_attention(q, k, v, block_q=2, block_k=4, return_lse=True)
+    assert out.dtype == dtype and lse.dtype == lse_dtype
+    assert out.requires_grad == lse.requires_grad == requires_grad
+
+
 # ---------------------------------------------------------------- edge cases
 
 
@@ -356,6 +368,16 @@ def test_causal_skips_tiles_above_the_diagonal(L, S, bq, bk, tiles):
     assert watcher.calls.get("bmm", 0) == tiles  # one q @ k^T product per visited tile
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True),
                                rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("is_causal,tiles", [(False, 25), (True, 15)])
+def test_backward_also_skips_tiles_above_the_diagonal(is_causal, tiles):
+    q, k, v = qkv((1, 1), 10, 10, 4, 4, requires_grad=True)
+    out = flash_attention(q, k, v, is_causal=is_causal, block_q=2, block_k=2)
+    watcher = ShapeWatcher()
+    with watcher:
+        out.sum().backward()
+    assert watcher.calls.get("bmm", 0) == 2 * tiles  # q @ k^T and dO @ v^T per visited tile
 
 
 def test_backward_saves_no_L_by_S_tensor():

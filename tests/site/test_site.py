@@ -120,8 +120,9 @@ def test_page_renders_cleanly(browser, server, path):
             page.evaluate("MathJax.startup.promise")
             assert page.evaluate("document.querySelectorAll('mjx-container').length") > 0, \
                 "page has math but MathJax rendered nothing"
-        text = page.evaluate("document.querySelector('main, article, body').innerText")
-        assert "$$" not in text, "raw $$ in the rendered text: math not processed"
+        text = page.evaluate("document.body.innerText")  # the whole page, navigation included
+        for raw in ("$$", "\\(", "\\)", "\\[", "\\begin{"):
+            assert raw not in text, f"raw {raw} in the rendered text: math not processed"
         images = page.evaluate("""Array.from(document.images).map(i => ({src: i.currentSrc || i.src,
             width: i.naturalWidth, complete: i.complete}))""")
         broken = [i["src"] for i in images if not i["complete"] or i["width"] == 0]
