@@ -83,3 +83,31 @@ def time_call(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float
             fn()
             times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+class ShapeRecorder(TorchDispatchMode):
+    """Records the shape of every tensor PyTorch operations produce while it is active
+    (chapter 9: the check that a tiled algorithm never builds an ``L x S`` matrix).
+
+    Use as ``with ShapeRecorder() as rec: fn()``; then ``rec.shapes`` lists every output
+    shape in order, ``rec.calls`` counts the operations by name (``"bmm"``, ``"exp"``...),
+    and ``rec.quadratic(L, S)`` returns the shapes that hide an ``L x S`` matrix.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+        self.calls: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        self.calls[name] = self.calls.get(name, 0) + 1
+        self.shapes += [tuple(t.shape) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        return out
+
+    def quadratic(self, L: int, S: int | None = None) -> list[tuple[int, ...]]:
+        """Shapes whose two trailing dims are both at least ``min(L, S)``: a score matrix,
+        whole or in disguise. Tiles smaller than that pass."""
+        n = min(L, L if S is None else S)
+        return [s for s in self.shapes if len(s) >= 2 and s[-1] >= n and s[-2] >= n]

@@ -9,10 +9,9 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 import attnlib
+from attnlib.measure import ShapeRecorder
 from attnlib.flash import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, flash_attention
 from conftest import assert_low_precision_ok, randn
 
@@ -277,34 +276,12 @@ def test_low_precision_gradients_by_the_2x_rule(dtype):
 # ---------------------------------------------------------------- memory: never L x S
 
 
-class ShapeWatcher(TorchDispatchMode):
-    """Records the shape of every tensor any aten op produces while active, and how many
-    times each op ran."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes: list[tuple[int, ...]] = []
-        self.calls: dict[str, int] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        result = func(*args, **(kwargs or {}))
-        name = str(func.overloadpacket.__name__)
-        self.calls[name] = self.calls.get(name, 0) + 1
-        for t in tree_flatten(result)[0]:
-            if isinstance(t, torch.Tensor):
-                self.shapes.append(tuple(t.shape))
-        return result
-
-    def too_big(self, L: int, S: int) -> list[tuple[int, ...]]:
-        """Shapes whose two trailing dims are both >= L and >= S (either order)."""
-        n = min(L, S)
-        return [s for s in self.shapes if len(s) >= 2 and s[-1] >= n and s[-2] >= n]
 
 
 def _forward_backward(fn, L, S, is_causal):
     q, k, v = qkv((1, 2), L, S, 32, 32, dtype=torch.float32, seed=18, requires_grad=True)
     w = randn(1, 2, L, 32, dtype=torch.float32, seed=19)
-    watcher = ShapeWatcher()
+    watcher = ShapeRecorder()
     with watcher:
         (fn(q, k, v, is_causal) * w).sum().backward()
     assert q.grad is not None and k.grad is not None and v.grad is not None
@@ -319,7 +296,7 @@ def test_flash_never_builds_an_L_by_S_tensor_forward_or_backward(is_causal):
         return flash_attention(q, k, v, is_causal=is_causal, block_q=64, block_k=64)
 
     watcher = _forward_backward(flash, L, S, is_causal)
-    assert watcher.too_big(L, S) == []
+    assert watcher.quadratic(L, S) == []
     assert (1, 2, 512, 32) in watcher.shapes  # the watcher did see the gradients ...
     assert any(s[-2:] == (64, 64) for s in watcher.shapes)  # ... and the score tiles
 
@@ -328,18 +305,18 @@ def test_flash_never_builds_an_L_by_S_tensor_forward_or_backward(is_causal):
 def test_the_watcher_catches_naive_attention(is_causal):
     L = S = 512
     watcher = _forward_backward(naive_attention, L, S, is_causal)
-    assert (1, 2, 512, 512) in watcher.too_big(L, S)
+    assert (1, 2, 512, 512) in watcher.quadratic(L, S)
 
 
 def test_the_watcher_catches_naive_attention_with_L_different_from_S():
     q, k, v = qkv((1,), 300, 200, 8, 8)
-    watcher = ShapeWatcher()
+    watcher = ShapeRecorder()
     with watcher:
         flash_attention(q, k, v, block_q=32, block_k=32)
-    assert watcher.too_big(300, 200) == []
+    assert watcher.quadratic(300, 200) == []
     with watcher:
         naive_attention(q, k, v)
-    assert (1, 300, 200) in watcher.too_big(300, 200)
+    assert (1, 300, 200) in watcher.quadratic(300, 200)
 
 
 @pytest.mark.parametrize("L,S,bq,bk,tiles", [
@@ -348,7 +325,7 @@ def test_the_watcher_catches_naive_attention_with_L_different_from_S():
 ])
 def test_non_causal_visits_every_tile(L, S, bq, bk, tiles):
     q, k, v = qkv((1, 1), L, S, 4, 4)
-    watcher = ShapeWatcher()
+    watcher = ShapeRecorder()
     with watcher:
         flash_attention(q, k, v, block_q=bq, block_k=bk)
     assert watcher.calls.get("bmm", 0) == tiles  # one q @ k^T product per tile
@@ -362,7 +339,7 @@ def test_non_causal_visits_every_tile(L, S, bq, bk, tiles):
 ])
 def test_causal_skips_tiles_above_the_diagonal(L, S, bq, bk, tiles):
     q, k, v = qkv((1, 1), L, S, 4, 4)
-    watcher = ShapeWatcher()
+    watcher = ShapeRecorder()
     with watcher:
         out = flash_attention(q, k, v, is_causal=True, block_q=bq, block_k=bk)
     assert watcher.calls.get("bmm", 0) == tiles  # one q @ k^T product per visited tile
@@ -374,7 +351,7 @@ def test_causal_skips_tiles_above_the_diagonal(L, S, bq, bk, tiles):
 def test_backward_also_skips_tiles_above_the_diagonal(is_causal, tiles):
     q, k, v = qkv((1, 1), 10, 10, 4, 4, requires_grad=True)
     out = flash_attention(q, k, v, is_causal=is_causal, block_q=2, block_k=2)
-    watcher = ShapeWatcher()
+    watcher = ShapeRecorder()
     with watcher:
         out.sum().backward()
     assert watcher.calls.get("bmm", 0) == 2 * tiles  # q @ k^T and dO @ v^T per visited tile

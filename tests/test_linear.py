@@ -7,10 +7,9 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from attnlib import linear
+from attnlib.measure import ShapeRecorder
 from attnlib.linear import elu_feature_map, linear_attention
 from conftest import randn
 
@@ -40,22 +39,6 @@ def recurrent(q, k, v, phi=None):
     return torch.stack(outs, dim=-2)
 
 
-class ShapeWatcher(TorchDispatchMode):
-    """Records the shape of every tensor any ATen op creates (views included)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.shapes: list[tuple[str, tuple[int, ...]]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.shapes.append((str(func), tuple(t.shape)))
-        return out
-
-    def quadratic(self, L: int) -> list[tuple[str, tuple[int, ...]]]:
-        return [(f, s) for f, s in self.shapes if len(s) >= 2 and s[-1] >= L and s[-2] >= L]
 
 
 def qkv(batch, L, S, E=6, Ev=5, seed=0, dtype=torch.float64):
@@ -224,13 +207,13 @@ def test_low_precision(dtype, causal):
 def test_never_builds_L_by_L(causal):
     L = 512
     q, k, v = qkv((2, 2), L, L, E=32, Ev=32, seed=6)
-    with ShapeWatcher() as watch:
+    with ShapeRecorder() as watch:
         out = linear_attention(q, k, v, causal=causal)
     assert watch.quadratic(L) == []
     # no per-position (L, E', Ev) running sum either
-    assert not [s for _, s in watch.shapes if len(s) >= 3 and s[-3] >= L and s[-2:] == (32, 32)]
+    assert not [s for s in watch.shapes if len(s) >= 3 and s[-3] >= L and s[-2:] == (32, 32)]
     # the watcher does flag the naive form
-    with ShapeWatcher() as dense:
+    with ShapeRecorder() as dense:
         ref = naive(q, k, v, causal)
     assert dense.quadratic(L) != []
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)

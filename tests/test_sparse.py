@@ -10,10 +10,9 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import attnlib
+from attnlib.measure import ShapeRecorder
 from attnlib import sparse
 from attnlib.sparse import bigbird_mask, longformer_mask, sliding_window_attention, sliding_window_mask
 from conftest import assert_low_precision_ok, randn
@@ -65,23 +64,6 @@ def brute_bigbird(L, block_size, n_window_blocks, n_global_blocks, n_random_bloc
     return m
 
 
-class ShapeWatcher(TorchDispatchMode):
-    """Records the shape of every tensor any ATen op creates (views included)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.shapes: list[tuple[str, tuple[int, ...]]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.shapes.append((str(func), tuple(t.shape)))
-        return out
-
-    def quadratic(self, L: int) -> list[tuple[str, tuple[int, ...]]]:
-        """Tensors whose two trailing dims are both >= L: an L x L matrix in disguise."""
-        return [(f, s) for f, s in self.shapes if len(s) >= 2 and s[-1] >= L and s[-2] >= L]
 
 
 # ----------------------------------------------------------------------------------------
@@ -356,15 +338,15 @@ def test_sliding_window_attention_low_precision(dtype):
 def test_sliding_window_attention_never_builds_L_by_L():
     L, window = 512, 16
     q, k, v = (randn(2, 2, L, 32, seed=s) for s in (1, 2, 3))
-    with ShapeWatcher() as banded:
+    with ShapeRecorder() as banded:
         out = sliding_window_attention(q, k, v, window)
         out_causal = sliding_window_attention(q, k, v, window, causal=True)
     assert banded.quadratic(L) == []
     # the watcher did see the work: the (..., blocks, b, b + 2 * window) scores
     b = sparse.BLOCK_SIZE
-    assert any(s == (2, 2, L // b, b, b + 2 * window) for _, s in banded.shapes)
+    assert any(s == (2, 2, L // b, b, b + 2 * window) for s in banded.shapes)
     # and it does flag the dense computation of the same thing
-    with ShapeWatcher() as dense:
+    with ShapeRecorder() as dense:
         ref = attnlib.scaled_dot_product_attention(q, k, v, attn_mask=sliding_window_mask(L, window))
     assert dense.quadratic(L) != []
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
