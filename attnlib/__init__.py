@@ -5,8 +5,9 @@ Shapes follow PyTorch: ``(B, H, L, D)`` for queries and ``(B, H, S, D)`` for key
 Boolean masks hold ``True`` where attention is allowed.
 """
 
-from . import measure, plotting
+from . import cost, measure, plotting
 from .attention import attention_weights, scaled_dot_product_attention, softmax
+from .cost import attention_flops, attention_score_bytes
 from .flash import flash_attention
 from .gqa import repeat_kv
 from .kv_cache import KVCache, kv_cache_bytes
@@ -35,6 +36,8 @@ __all__ = [
     "alibi_slopes",
     "apply_rope",
     "apply_rope_interleaved",
+    "attention_flops",
+    "attention_score_bytes",
     "attention_weights",
     "bigbird_mask",
     "causal_mask",

@@ -1,0 +1,624 @@
+"""The check logic of the graded exercises: cases, calling the learner's code, judging it.
+
+Three steps, kept apart so that a hardened grader can run the middle one in a child process:
+
+1. **case generation** (parent): ``exercise.make_cases(hidden)`` returns :class:`Case` objects
+   holding only plain values (tensors, numbers, strings, ``None`` and containers of these), so
+   they survive ``torch.save``/``torch.load(weights_only=True)``;
+2. **calling** (:func:`call`, child): build the learner's module if needed, call the function
+   or method on cloned inputs, return the raw output;
+3. **judging** (:func:`judge`, parent): compare the output with the reference's, in this order:
+   type, shape, dtype, finiteness, values. On a failure, every catalogued :class:`Mistake` is
+   evaluated on the same case; if the output matches one, the message names it and points to
+   the section of the book that explains it.
+
+:func:`grade_function` runs steps 1-3 in-process and :func:`check` turns the result into an
+``AssertionError`` for nbgrader test cells.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import math
+import textwrap
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "Case",
+    "CaseResult",
+    "EXERCISES",
+    "Exercise",
+    "ForbiddenCallError",
+    "Mistake",
+    "call",
+    "check",
+    "grade_function",
+    "judge",
+    "mistake_as_student",
+    "register",
+]
+
+#: The floor added to twice the reference's own error in the low-precision rule.
+LOW_PRECISION_FLOOR = 1e-6
+
+
+@dataclass(frozen=True)
+class Case:
+    """One input on which the learner's code is compared with the reference.
+
+    Attributes:
+        name: shown in the feedback, e.g. ``"L != S, bool mask"``.
+        args, kwargs: the call's arguments. Only tensors, ints, floats, bools, ``None``,
+            strings and tuples/lists/dicts of these, so that a case can cross a process
+            boundary with ``torch.save``/``torch.load(weights_only=True)``.
+        init_args: for ``kind="module"``: the constructor's positional arguments.
+        state_dict: for ``kind="module"``: weights loaded (strictly) after construction.
+        method: for ``kind="module"``: the method called with ``args``/``kwargs``.
+        low_precision: judge with the flash-attention rule (error against the float64
+            result at most twice the reference's own low-precision error, plus 1e-6)
+            instead of the exercise's float64 tolerances.
+    """
+
+    name: str
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    init_args: tuple = ()
+    state_dict: dict | None = None
+    method: str = "forward"
+    low_precision: bool = False
+
+
+@dataclass(frozen=True)
+class Mistake:
+    """A common wrong implementation, recognised by its output.
+
+    Attributes:
+        name: short, e.g. ``"no 1/sqrt(d_k) scaling"``.
+        explanation: one or two sentences: what the code did and why it is wrong.
+        section: the page and anchor of the book that explains it,
+            e.g. ``"03_scaling.html#the-variance-of-a-dot-product"``.
+        fn: the wrong implementation. For ``kind="function"``: same signature as the
+            reference. For ``kind="module"``: either a class (built and called like the
+            learner's) or a callable ``fn(module, *args, **kwargs)`` that receives a module
+            built from the reference with the case's weights, in place of the method.
+    """
+
+    name: str
+    explanation: str
+    section: str
+    fn: Callable
+
+
+def _no_cases(hidden: bool) -> list[Case]:
+    """Placeholder for :attr:`Exercise.make_cases`; :func:`register` rejects it."""
+    raise NotImplementedError("this exercise defines no cases")
+
+
+@dataclass(frozen=True)
+class Exercise:
+    """A graded exercise: the learner writes ``reference``'s function (or class) themselves.
+
+    Attributes:
+        id: the learner's function name, unique (``"softmax"``,
+            ``"MultiHeadAttention.forward"`` for one method of a class).
+        chapter: 1 to 11.
+        reference: the attnlib function or class; the stub copies its signature/docstring.
+        kind: ``"function"`` or ``"module"`` (the learner writes a class).
+        section: the default section of the book for feedback.
+        make_cases: ``make_cases(hidden)`` returns the visible (``False``) or hidden
+            (``True``) cases; the two sets differ and the hidden one holds the edge cases.
+        mistakes: the catalogued wrong implementations.
+        forbidden: dotted names the learner must not call (a function, a method such as
+            ``"torch.Tensor.softmax"``, or a whole module such as ``"attnlib"``).
+            :func:`grade_function` blocks them while the learner's code runs.
+        atol, rtol: float64 tolerances (``torch.allclose`` semantics).
+        extra_check: optional ``extra_check(fn, case) -> str | None`` run in-process after a
+            case passed, for properties beyond values; a string is the failure message.
+    """
+
+    id: str
+    chapter: int
+    reference: Callable
+    kind: str = "function"
+    section: str = ""
+    make_cases: Callable[[bool], list[Case]] = _no_cases
+    mistakes: tuple[Mistake, ...] = ()
+    forbidden: tuple[str, ...] = ()
+    atol: float = 1e-10
+    rtol: float = 1e-8
+    extra_check: Callable[[Callable, Case], str | None] | None = None
+
+
+@dataclass
+class CaseResult:
+    """The verdict on one case; ``message`` is empty when it passed."""
+
+    case: str
+    passed: bool
+    message: str = ""
+
+
+class ForbiddenCallError(RuntimeError):
+    """Raised when the learner's code calls a function the exercise asks them to write."""
+
+
+EXERCISES: dict[str, Exercise] = {}
+
+
+def register(ex: Exercise) -> Exercise:
+    """Add an exercise to :data:`EXERCISES` and return it; an id may be registered once."""
+    if not isinstance(ex, Exercise):
+        raise TypeError(f"register expects an Exercise, got {type(ex).__name__}")
+    if ex.id in EXERCISES:
+        raise ValueError(f"an exercise with id {ex.id!r} is already registered")
+    if ex.kind not in ("function", "module"):
+        raise ValueError(f"exercise {ex.id!r}: kind must be 'function' or 'module', got {ex.kind!r}")
+    if not 1 <= ex.chapter <= 11:
+        raise ValueError(f"exercise {ex.id!r}: chapter must be 1..11, got {ex.chapter}")
+    if ex.make_cases is _no_cases:
+        raise ValueError(f"exercise {ex.id!r} has no make_cases")
+    names = [m.name for m in ex.mistakes]
+    if len(names) != len(set(names)):
+        raise ValueError(f"exercise {ex.id!r}: mistake names must be unique, got {names}")
+    EXERCISES[ex.id] = ex
+    return ex
+
+
+def _get(exercise_id: str) -> Exercise:
+    try:
+        return EXERCISES[exercise_id]
+    except KeyError:
+        known = ", ".join(sorted(EXERCISES)) or "none"
+        raise KeyError(f"no exercise with id {exercise_id!r}; registered: {known}") from None
+
+
+# --------------------------------------------------------------------------- calling
+
+
+def _map_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """Apply ``fn`` to every tensor inside nested tuples, lists and dicts."""
+    if isinstance(obj, Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple):
+        return tuple(_map_tensors(o, fn) for o in obj)
+    if isinstance(obj, list):
+        return [_map_tensors(o, fn) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    return obj
+
+
+def _clone(obj: Any) -> Any:
+    return _map_tensors(obj, lambda t: t.detach().clone())
+
+
+def _upcast(obj: Any) -> Any:
+    """Floating tensors to float64 (the exact side of the low-precision rule)."""
+    return _map_tensors(obj, lambda t: t.detach().double() if t.is_floating_point() else t.detach().clone())
+
+
+def _upcast_case(case: Case) -> Case:
+    return Case(
+        name=case.name,
+        args=_upcast(case.args),
+        kwargs=_upcast(case.kwargs),
+        init_args=_upcast(case.init_args),
+        state_dict=None if case.state_dict is None else _upcast(case.state_dict),
+        method=case.method,
+        low_precision=False,
+    )
+
+
+def _build(cls: Callable, case: Case) -> Any:
+    """Construct ``cls(*init_args)`` and load the case's weights into it.
+
+    An ``nn.Module`` is first moved to the floating dtype of the given weights (float64 in
+    most cases): ``load_state_dict`` copies values into the existing parameters and would
+    otherwise keep PyTorch's float32 default. The global random state is left untouched by
+    the construction's weight initialisation.
+    """
+    with torch.random.fork_rng(devices=[]):  # weight init must not move the global RNG
+        obj = cls(*_clone(case.init_args))
+    if case.state_dict is not None:
+        state = _clone(case.state_dict)
+        dtypes = {t.dtype for t in state.values() if isinstance(t, Tensor) and t.is_floating_point()}
+        if isinstance(obj, nn.Module) and len(dtypes) == 1:
+            obj = obj.to(dtypes.pop())
+        obj.load_state_dict(state, strict=True)
+    return obj
+
+
+def call(exercise: Exercise, student: Callable, case: Case) -> Any:
+    """Run the learner's function (or class) on one case and return its raw output.
+
+    For ``kind="module"``: ``obj = student(*case.init_args)``, the case's ``state_dict`` is
+    loaded (strictly), then ``getattr(obj, case.method)(*args, **kwargs)`` is returned.
+    Inputs are cloned first, so a learner that modifies them in place changes nothing else.
+    Exceptions propagate (:func:`grade_function` turns them into messages).
+    """
+    args, kwargs = _clone(case.args), _clone(case.kwargs)
+    if exercise.kind == "module":
+        obj = _build(student, case)
+        return getattr(obj, case.method)(*args, **kwargs)
+    return student(*args, **kwargs)
+
+
+def _run_mistake(exercise: Exercise, mistake: Mistake, case: Case) -> Any:
+    """The output of a catalogued mistake on ``case`` (see :class:`Mistake` for ``fn``)."""
+    if exercise.kind == "module" and not isinstance(mistake.fn, type):
+        obj = _build(exercise.reference, case)
+        return mistake.fn(obj, *_clone(case.args), **_clone(case.kwargs))
+    return call(exercise, mistake.fn, case)
+
+
+def mistake_as_student(exercise: Exercise, mistake: Mistake) -> Callable:
+    """Something :func:`grade_function` can grade as if a learner had written the mistake.
+
+    Functions and mistake classes are returned as they are; a method-style module mistake
+    ``fn(module, *args)`` becomes a subclass of the reference whose ``method`` is ``fn``
+    (the method of the case; for exercises whose cases call several methods, each call goes
+    through ``fn``). Used by the tests to show that every mistake is recognised.
+    """
+    if exercise.kind != "module" or isinstance(mistake.fn, type):
+        return mistake.fn
+    methods = {c.method for c in exercise.make_cases(False)} | {c.method for c in exercise.make_cases(True)}
+    body = {name: (lambda self, *a, _fn=mistake.fn, **k: _fn(self, *a, **k)) for name in methods}
+    return type(f"Mistaken{exercise.reference.__name__}", (exercise.reference,), body)
+
+
+# --------------------------------------------------------------------------- judging
+
+
+def _describe_type(obj: Any) -> str:
+    if obj is None:
+        return "None"
+    if isinstance(obj, (tuple, list)):
+        return f"a {type(obj).__name__} of {len(obj)} elements"
+    t = type(obj)
+    return f"a {t.__module__}.{t.__qualname__}" if t.__module__ != "builtins" else f"a {t.__name__}"
+
+
+def _index(flat: int, shape: torch.Size) -> tuple[int, ...]:
+    idx = []
+    for size in reversed(shape):
+        idx.append(flat % size)
+        flat //= size
+    return tuple(reversed(idx))
+
+
+def _abs_err(out: Tensor, ref: Tensor) -> Tensor:
+    """|out - ref| in float64, 0 where both are equal (also equal infinities) or both NaN."""
+    a, b = out.detach().double(), ref.detach().double()
+    err = (a - b).abs()
+    same = (a == b) | (torch.isnan(a) & torch.isnan(b))
+    err = torch.where(same, torch.zeros_like(err), err)
+    return torch.where(torch.isnan(err), torch.full_like(err, math.inf), err)
+
+
+def _tolerance(expected: Tensor, exercise: Exercise) -> Tensor:
+    """atol + rtol * |expected| per entry; where ``expected`` is not finite only an exact
+    match passes (:func:`_abs_err` is 0 there, or inf)."""
+    mag = expected.detach().double().abs()
+    mag = torch.where(torch.isfinite(mag), mag, torch.zeros_like(mag))
+    return exercise.atol + exercise.rtol * mag
+
+
+def _fmt(x: float | bool | int) -> str:
+    return f"{x:.6g}" if isinstance(x, float) else str(x)
+
+
+class _Failure(Exception):
+    """A failed comparison: ``stage`` is type, shape, dtype, nonfinite or values."""
+
+    def __init__(self, stage: str, message: str) -> None:
+        super().__init__(message)
+        self.stage, self.message = stage, message
+
+
+def _compare(out: Any, ref: Any, exact: Any, case: Case, exercise: Exercise, where: str) -> None:
+    """Raise :class:`_Failure` at the first check ``out`` fails against ``ref``.
+
+    ``exact`` is the reference evaluated in float64 on upcast inputs (low-precision cases
+    only, else ``None``). ``where`` names the element inside a returned tuple.
+    """
+    prefix = f"{where}: " if where else ""
+    if isinstance(ref, (tuple, list)):
+        if not isinstance(out, (tuple, list)):
+            raise _Failure("type", f"{prefix}returned {_describe_type(out)}; expected a tuple of "
+                           f"{len(ref)} elements")
+        if len(out) != len(ref):
+            raise _Failure("type", f"{prefix}returned {_describe_type(out)}; expected a tuple of "
+                           f"{len(ref)} elements")
+        for i, (o, r) in enumerate(zip(out, ref)):
+            e = None if exact is None else exact[i]
+            _compare(o, r, e, case, exercise, f"{where}[{i}]" if where else f"element {i} of the returned tuple")
+        return
+    if not isinstance(ref, Tensor):
+        _compare_scalar(out, ref, exercise, prefix)
+        return
+
+    # 1. type
+    if type(out) is not Tensor:
+        if out is None:
+            msg = "returned None instead of a torch.Tensor: is a `return` missing?"
+        elif isinstance(out, Tensor):
+            msg = (f"returned {_describe_type(out)}, a subclass of torch.Tensor; return a plain "
+                   f"torch.Tensor")
+        elif type(out).__module__ == "numpy":
+            msg = (f"returned {_describe_type(out)}; return a torch.Tensor (stay in torch: no "
+                   f"numpy in between)")
+        elif isinstance(out, (tuple, list)):
+            msg = f"returned {_describe_type(out)}; expected a single torch.Tensor"
+        else:
+            msg = f"returned {_describe_type(out)}; expected a torch.Tensor"
+        raise _Failure("type", prefix + msg)
+    # 2. shape
+    if out.shape != ref.shape:
+        raise _Failure("shape", f"{prefix}wrong shape: got {tuple(out.shape)}, expected {tuple(ref.shape)}")
+    # 3. dtype
+    if out.dtype != ref.dtype:
+        raise _Failure("dtype", f"{prefix}wrong dtype: got {out.dtype}, expected {ref.dtype}")
+    out, ref = out.detach(), ref.detach()
+    if out.device != ref.device:
+        out = out.to(ref.device)
+    # exact comparison for masks and integer tensors
+    if not (ref.is_floating_point() or ref.is_complex()):
+        diff = out != ref
+        if bool(diff.any()):
+            n = int(diff.sum())
+            first = _index(int(diff.flatten().nonzero()[0]), ref.shape)
+            raise _Failure("values", f"{prefix}{n} of {ref.numel()} entries differ, first at index "
+                           f"{first}: got {_fmt(out[first].item())}, expected {_fmt(ref[first].item())}")
+        return
+    # 4. finiteness
+    for label, bad in (("NaN", torch.isnan), ("inf", torch.isinf)):
+        wrong = bad(out) & ~bad(ref)
+        if bool(wrong.any()):
+            first = _index(int(wrong.flatten().nonzero()[0]), ref.shape)
+            raise _Failure("nonfinite", f"{prefix}the output holds {label} at {int(wrong.sum())} of "
+                           f"{ref.numel()} positions (first at index {first}) where the expected "
+                           f"result is {_fmt(ref[first].item())}")
+    # 5. values
+    if ref.numel() == 0:
+        return
+    if case.low_precision:
+        assert exact is not None
+        ours = _abs_err(out, exact)
+        allowed = 2 * _abs_err(ref, exact).max().item() + LOW_PRECISION_FLOOR
+        worst = ours.max().item()
+        if worst > allowed:
+            first = _index(int(ours.flatten().argmax()), ref.shape)
+            raise _Failure("values", f"{prefix}too far from the exact (float64) result: largest error "
+                           f"{worst:.3g} at index {first} (got {_fmt(out[first].item())}, exact "
+                           f"{_fmt(exact[first].item())}); the reference run in {ref.dtype} is within "
+                           f"{(allowed - LOW_PRECISION_FLOOR) / 2:.3g}, and {allowed:.3g} is allowed")
+        return
+    err = _abs_err(out, ref)
+    bad = err > _tolerance(ref, exercise)
+    if bool(bad.any()):
+        first = _index(int(err.flatten().argmax()), ref.shape)
+        raise _Failure("values", f"{prefix}wrong values at {int(bad.sum())} of {ref.numel()} positions: "
+                       f"largest error {err.max().item():.3g} at index {first} (got "
+                       f"{_fmt(out[first].item())}, expected {_fmt(ref[first].item())})")
+
+
+def _compare_scalar(out: Any, ref: Any, exercise: Exercise, prefix: str) -> None:
+    """Python numbers (e.g. a byte count): ints and bools exactly, floats with the tolerances."""
+    if isinstance(ref, bool) or isinstance(ref, int):
+        ok_type = type(out) is type(ref)
+        if not ok_type:
+            raise _Failure("type", f"{prefix}returned {_describe_type(out)}; expected a Python "
+                           f"{type(ref).__name__}")
+        if out != ref:
+            raise _Failure("values", f"{prefix}got {out}, expected {ref}")
+        return
+    if isinstance(ref, float):
+        if not isinstance(out, (float, int)) or isinstance(out, bool):
+            raise _Failure("type", f"{prefix}returned {_describe_type(out)}; expected a Python float")
+        if not math.isclose(out, ref, rel_tol=exercise.rtol, abs_tol=exercise.atol):
+            raise _Failure("values", f"{prefix}got {out!r}, expected {ref!r}")
+        return
+    if out != ref:
+        raise _Failure("values", f"{prefix}got {out!r}, expected {ref!r}")
+
+
+def _matches(out: Any, candidate: Any, reference: Any, exact: Any, case: Case, exercise: Exercise) -> bool:
+    """Whether ``out`` is (to the case's tolerance) the same as a mistake's output."""
+    if isinstance(candidate, (tuple, list)):
+        if not isinstance(out, (tuple, list)) or len(out) != len(candidate):
+            return False
+        refs = reference if isinstance(reference, (tuple, list)) and len(reference) == len(candidate) \
+            else [None] * len(candidate)
+        exacts = exact if isinstance(exact, (tuple, list)) else [None] * len(candidate)
+        return all(_matches(o, c, r, e, case, exercise) for o, c, r, e in zip(out, candidate, refs, exacts))
+    if not isinstance(candidate, Tensor):
+        try:
+            _compare_scalar(out, candidate, exercise, "")
+            return True
+        except _Failure:
+            return False
+    if not isinstance(out, Tensor) or out.shape != candidate.shape or out.dtype != candidate.dtype:
+        return False
+    out, candidate = out.detach(), candidate.detach().to(out.device)
+    if not (candidate.is_floating_point() or candidate.is_complex()):
+        return bool(torch.equal(out, candidate))
+    if out.numel() == 0:
+        return True
+    err = _abs_err(out, candidate)
+    if case.low_precision and isinstance(reference, Tensor) and isinstance(exact, Tensor) \
+            and reference.shape == exact.shape:
+        allowed = 2 * _abs_err(reference, exact).max().item() + LOW_PRECISION_FLOOR
+        return err.max().item() <= allowed
+    return bool((err <= _tolerance(candidate, exercise)).all())
+
+
+def _expected(exercise: Exercise, case: Case) -> tuple[Any, Any]:
+    """The reference's output on ``case`` and, for low-precision cases, in float64."""
+    ref = call(exercise, exercise.reference, case)
+    exact = call(exercise, exercise.reference, _upcast_case(case)) if case.low_precision else None
+    return _detach(ref), _detach(exact)
+
+
+def _detach(obj: Any) -> Any:
+    return _map_tensors(obj, lambda t: t.detach())
+
+
+def _sentence(text: str) -> str:
+    """``text`` ending with a full stop (or its own ``?``/``!``)."""
+    return text if text.endswith((".", "?", "!")) else text + "."
+
+
+def _section_of(exercise: Exercise) -> str:
+    return exercise.section or "the chapter of this exercise"
+
+
+def judge(exercise: Exercise, case: Case, output: Any) -> CaseResult:
+    """Compare one output with the reference's; never calls the learner's code.
+
+    Checks, each with its own message: the type (exactly ``torch.Tensor``; the reference's
+    tuple structure decides for tuples), shape, dtype, finiteness (NaN/inf where the
+    reference has none), and values (``torch.allclose`` semantics with the exercise's
+    tolerances, or the low-precision rule; boolean and integer results exactly). On a
+    failure, each catalogued mistake is evaluated on the case, and a match is named.
+    """
+    if isinstance(exercise, str):
+        exercise = _get(exercise)
+    ref, exact = _expected(exercise, case)
+    try:
+        _compare(output, ref, exact, case, exercise, "")
+    except _Failure as failure:
+        return CaseResult(case.name, False, _explain(exercise, case, output, ref, exact, failure))
+    return CaseResult(case.name, True, "")
+
+
+def _explain(exercise: Exercise, case: Case, output: Any, ref: Any, exact: Any, failure: _Failure) -> str:
+    """The failure message: a recognised mistake first, else the raw comparison."""
+    for mistake in exercise.mistakes:
+        try:
+            candidate = _detach(_run_mistake(exercise, mistake, case))
+        except Exception:  # a mistake that cannot run on this case does not match it
+            continue
+        if _matches(output, candidate, ref, exact, case, exercise):
+            return (f"Looks like {mistake.name}: {_sentence(mistake.explanation)} See {mistake.section}.\n"
+                    f"({failure.message})")
+    return f"{_sentence(failure.message)} See {_section_of(exercise)}."
+
+
+# --------------------------------------------------------------------------- forbidden calls
+
+
+def _resolve(dotted: str) -> tuple[Any, str] | None:
+    """``"torch.nn.functional.softmax"`` -> (the module torch.nn.functional, "softmax")."""
+    parts = dotted.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        try:
+            owner: Any = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        try:
+            for attr in parts[i:-1]:
+                owner = getattr(owner, attr)
+            getattr(owner, parts[-1])
+        except AttributeError:
+            return None
+        return owner, parts[-1]
+    return None
+
+
+def _blocker(dotted: str) -> Callable:
+    def blocked(*args: Any, **kwargs: Any) -> Any:
+        raise ForbiddenCallError(f"called {dotted}, which this exercise asks you to write yourself")
+    return blocked
+
+
+@contextlib.contextmanager
+def _forbid(names: tuple[str, ...]) -> Iterator[None]:
+    """Replace the forbidden callables by ones that raise, while the learner's code runs.
+
+    A whole module (e.g. ``"attnlib"``) blocks every public callable reached through it,
+    such as ``attnlib.softmax``. Names bound before the call (``from attnlib import softmax``)
+    cannot be reached this way; the hardened grader inspects the code instead.
+    """
+    patches: list[tuple[Any, str, Any, bool]] = []  # owner, attribute, old value, was own attribute
+    targets: list[tuple[Any, str, str]] = []
+    for dotted in names:
+        try:
+            module = importlib.import_module(dotted)
+        except ImportError:
+            module = None
+        if module is not None:
+            public = getattr(module, "__all__", [n for n in vars(module) if not n.startswith("_")])
+            targets += [(module, n, f"{dotted}.{n}") for n in public
+                        if callable(getattr(module, n, None)) and not isinstance(getattr(module, n), type(module))]
+            continue
+        resolved = _resolve(dotted)
+        if resolved is not None:
+            targets.append((*resolved, dotted))
+    try:
+        for owner, attr, dotted in targets:
+            own = attr in vars(owner)
+            patches.append((owner, attr, vars(owner).get(attr), own))
+            setattr(owner, attr, _blocker(dotted))
+        yield
+    finally:
+        for owner, attr, old, own in reversed(patches):
+            if own:
+                setattr(owner, attr, old)
+            else:
+                delattr(owner, attr)
+
+
+# --------------------------------------------------------------------------- grading
+
+
+def grade_function(exercise_id: str, student: Callable, hidden: bool = False) -> list[CaseResult]:
+    """Grade the learner's function (or class) in-process on the visible or hidden cases.
+
+    An exception from the learner's code fails the case with ``"raised <Type>: <message>"``
+    (``NotImplementedError``: ``"not implemented yet"``).
+    """
+    exercise = _get(exercise_id)
+    results = []
+    for case in exercise.make_cases(hidden):
+        try:
+            with _forbid(exercise.forbidden):
+                output = call(exercise, student, case)
+        except NotImplementedError:
+            results.append(CaseResult(case.name, False, "not implemented yet"))
+            continue
+        except Exception as exc:  # the learner's code may raise anything
+            results.append(CaseResult(case.name, False, f"raised {type(exc).__name__}: {exc}"))
+            continue
+        result = judge(exercise, case, output)
+        if result.passed and exercise.extra_check is not None:
+            try:
+                with _forbid(exercise.forbidden):
+                    problem = exercise.extra_check(student, case)
+            except Exception as exc:
+                problem = f"raised {type(exc).__name__}: {exc}"
+            if problem:
+                result = CaseResult(case.name, False, problem)
+        results.append(result)
+    return results
+
+
+def check(exercise_id: str, student: Callable, hidden: bool = False) -> None:
+    """For nbgrader test cells: raise ``AssertionError`` listing the failed cases.
+
+    On success prints one line, ``"<id>: N/N cases passed"``, and returns ``None``.
+    """
+    results = grade_function(exercise_id, student, hidden=hidden)
+    failed = [r for r in results if not r.passed]
+    if failed:
+        lines = [f"{exercise_id}: {len(results) - len(failed)}/{len(results)} cases passed; failed:"]
+        for r in failed:
+            lines.append(f"- {r.case}:")
+            lines.append(textwrap.indent(r.message, "    "))
+        raise AssertionError("\n".join(lines))
+    print(f"{exercise_id}: {len(results)}/{len(results)} cases passed")
