@@ -21,3 +21,14 @@ def assert_low_precision_ok(ours: torch.Tensor, theirs: torch.Tensor, exact: tor
     our_err = (ours.double() - exact).abs().max().item()
     their_err = (theirs.double() - exact).abs().max().item()
     assert our_err <= 2 * their_err + floor, f"ours {our_err:.3g} vs torch {their_err:.3g}"
+
+
+def same_value(a: object, b: object) -> bool:
+    """Exact structural equality: tensors (dtype, shape, values), tuples/lists, dicts, scalars."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
+    return type(a) is type(b) and a == b

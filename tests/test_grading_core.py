@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from conftest import same_value
 from docutils.nodes import make_id
 from torch import Tensor, nn
 
@@ -568,15 +570,6 @@ def _round_trip(obj: object) -> object:
     return torch.load(buffer, weights_only=True)
 
 
-def _same(a: object, b: object) -> bool:
-    if isinstance(a, Tensor):
-        return isinstance(b, Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-    if isinstance(a, (tuple, list)):
-        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    return type(a) is type(b) and a == b
-
 
 @pytest.mark.parametrize("ex_id", sorted(EXERCISES))
 def test_cases_are_plain_values_that_cross_a_process_boundary(ex_id):
@@ -589,7 +582,7 @@ def test_cases_are_plain_values_that_cross_a_process_boundary(ex_id):
         for case in cases:
             payload = {"name": case.name, "args": case.args, "kwargs": case.kwargs, "init_args": case.init_args,
                        "state_dict": case.state_dict, "method": case.method, "low_precision": case.low_precision}
-            assert _same(_round_trip(payload), payload), f"{ex_id}/{case.name} does not survive torch.save/load"
+            assert same_value(_round_trip(payload), payload), f"{ex_id}/{case.name} does not survive torch.save/load"
             if ex.kind == "module":
                 assert callable(getattr(ex.reference, case.method, None)), f"{ex_id}: no method {case.method}"
     assert {c.name for c in visible}.isdisjoint({c.name for c in hidden}), f"{ex_id}: hidden repeats visible"

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import same_value
+
 from attnlib.attention import scaled_dot_product_attention as naive_attention
 from attnlib.flash import flash_attention
 from attnlib.grading import EXERCISES, Case, check, grade_function
@@ -80,15 +82,6 @@ def test_reference_passes_every_case(ex_id):
         assert [r for r in results if not r.passed] == []
 
 
-def _same(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, (tuple, list)):
-        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    return type(a) is type(b) and a == b
-
 
 @pytest.mark.parametrize("ex_id", list(LATE))
 def test_cases_are_deterministic_serialisable_and_hidden_ones_differ(ex_id):
@@ -101,8 +94,8 @@ def test_cases_are_deterministic_serialisable_and_hidden_ones_differ(ex_id):
         buffer = io.BytesIO()
         torch.save(parts, buffer)
         buffer.seek(0)
-        assert _same(parts, torch.load(buffer, weights_only=True)), (ex_id, first.name)
-        assert _same(parts, {"args": again.args, "kwargs": again.kwargs, "init_args": again.init_args})
+        assert same_value(parts, torch.load(buffer, weights_only=True)), (ex_id, first.name)
+        assert same_value(parts, {"args": again.args, "kwargs": again.kwargs, "init_args": again.init_args})
 
 
 @pytest.mark.parametrize("ex_id", list(LATE))
