@@ -65,9 +65,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"attnlib {attnlib.__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("selfcheck", help="compare attnlib with PyTorch on random inputs")
+    grade = commands.add_parser("grade", help="grade an exercise notebook (its code runs in a child process)")
+    grade.add_argument("notebook", metavar="PATH.ipynb", help="the notebook to grade")
+    grade.add_argument("--json", action="store_true", help="print the result as JSON")
+    grade.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
+                       help="wall-clock limit for running the notebook's code (default: 120)")
+    grade.add_argument("--source", metavar="PATH",
+                       help="the source notebook with the grade cells and hidden tests (default: "
+                            "solutions/<assignment>/<same name> in the course repository, if any)")
     args = parser.parse_args(argv)
     if args.command == "selfcheck":
         return selfcheck()
+    if args.command == "grade":
+        from attnlib.grading.runner import main as grade_main
+
+        return grade_main(args.notebook, as_json=args.json, timeout=args.timeout, source=args.source)
     parser.print_help()
     return 2
 
