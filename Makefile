@@ -11,7 +11,7 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 JOBS ?= 2
 
-.PHONY: book test unit site-test browser bench clean venv
+.PHONY: book test unit site-test browser bench release clean venv
 
 venv: $(STAMP)
 
@@ -37,6 +37,11 @@ site-test: $(STAMP) browser
 	$(BIN)/python -m pytest tests/site
 
 test: unit book site-test
+
+# Rewrites solutions/ (nbgrader sources) from tools/build_exercises.py, then releases notebooks/
+# with `nbgrader generate_assignment`. Commit both; a test fails if they drift from this command.
+release: $(STAMP)
+	$(BIN)/python tools/build_exercises.py --release
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/attention_bench.py

@@ -433,8 +433,10 @@ def _judge_items(items: list[Item], needed: list[tuple[str, str]], cases: dict, 
 
 
 def format_table(report: Report, width: int | None = None) -> str:
-    """The report as a table, feedback cut to the terminal width (first line only)."""
-    width = shutil.get_terminal_size((100, 24)).columns if width is None else width
+    """The report as a table, feedback on one line: cut to the width of a terminal, whole when
+    the output goes to a file or a pipe (CI logs keep every word)."""
+    if width is None:
+        width = shutil.get_terminal_size((100, 24)).columns if sys.stdout.isatty() else 10_000
     id_w = max([len("item")] + [len(i.id) for i in report.items])
     pts = [f"{_num(i.points)}/{_num(i.max_points)}" for i in report.items]
     pts_w = max([len("points")] + [len(p) for p in pts])
