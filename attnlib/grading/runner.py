@@ -442,11 +442,13 @@ def format_table(report: Report, width: int | None = None) -> str:
     pts_w = max([len("points")] + [len(p) for p in pts])
     head = f"{'item':<{id_w}}  {'points':>{pts_w}}  {'passed':<6}  feedback"
     fb_w = max(20, width - (id_w + pts_w + 6 + 8))
-    lines = [f"notebook: {report.notebook}", head, "-" * min(width, len(head) + fb_w - 8)]
+    rows = []
     for item, p in zip(report.items, pts):
         fb = " ".join(item.feedback.splitlines()[0].split()) if item.feedback else ""
         fb = textwrap.shorten(fb, fb_w, placeholder=" ...") if fb else ""
-        lines.append(f"{item.id:<{id_w}}  {p:>{pts_w}}  {'yes' if item.passed else 'no':<6}  {fb}")
+        rows.append(f"{item.id:<{id_w}}  {p:>{pts_w}}  {'yes' if item.passed else 'no':<6}  {fb}")
+    rule = "-" * min(width, max(len(row) for row in [head, *rows]))
+    lines = [f"notebook: {report.notebook}", head, rule, *rows]
     lines.append(f"total: {_num(report.score)}/{_num(report.max_score)}")
     return "\n".join(lines)
 
