@@ -102,11 +102,12 @@ def test_monkeypatched_comparison_in_the_notebook_does_not_help(graded: dict) ->
 
 def test_infinite_loop_in_a_function_costs_only_that_item() -> None:
     start = time.monotonic()
-    report = grade_notebook(FIXTURES / "infinite_loop.ipynb", source=SOURCE, timeout=8, step_timeout=2)
-    assert time.monotonic() - start < 8 + 5
+    # Limits with headroom: on a loaded 2-core machine an honest cell can take a few seconds.
+    report = grade_notebook(FIXTURES / "infinite_loop.ipynb", source=SOURCE, timeout=60, step_timeout=8)
+    assert time.monotonic() - start < 60 + 5
     items = {i.id: i for i in report.items}
     assert items["test_softmax"].points == 0
-    assert "did not finish within 2 s" in items["test_softmax"].feedback
+    assert "did not finish within 8 s" in items["test_softmax"].feedback
     assert items["test_causal_mask"].passed and items["test_scaled_dot_product_attention"].passed
 
 
@@ -126,7 +127,7 @@ def test_top_level_loop_in_a_cell_is_stopped(tmp_path: Path) -> None:
                            "source": "n = 0\nwhile True:\n    n += 1\n"})
     path = tmp_path / "loop_cell.ipynb"
     path.write_text(json.dumps(nb))
-    report = grade_notebook(path, timeout=8, step_timeout=1, find=False)
+    report = grade_notebook(path, timeout=60, step_timeout=8, find=False)
     assert report.score == 6  # the cells after the loop still ran
     assert any("cell 2" in n and "did not finish" in n for n in report.notes)
 
