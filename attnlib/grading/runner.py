@@ -2,38 +2,104 @@
 
 The steps (see :mod:`attnlib.grading.core` for the case/call/judge split):
 
-1. **items** (parent): the notebook's grade cells (nbgrader metadata ``grade: true``), with
-   their ``grade_id``, ``points`` and the ``check("<exercise id>", <name>[, hidden=True])``
-   calls read from the cell source with :mod:`ast` (test cells are never executed). When
-   the source notebook exists (``solutions/<assignment>/<same file name>`` under the
-   repository of the installed attnlib, or ``--source``), the cells, points and calls come
-   from it, since a submission's test cells may have been edited; else from the submission,
-   with a note (a released notebook has no hidden tests).
+1. **items** (parent): the notebook is read with :mod:`nbformat` (older formats converted,
+   duplicate or missing cell ids repaired); its grade cells (nbgrader metadata
+   ``grade: true``) give the items: ``grade_id``, ``points`` and the ``check("<exercise
+   id>", <name>[, hidden=True])`` calls read from the cell source with :mod:`ast` (test
+   cells are never executed). When the source notebook exists (``solutions/<assignment>/
+   <same file name>`` under the repository of the installed attnlib, or ``--source``), the
+   cells, points and calls come from it, since a submission's test cells may have been
+   edited, deleted, duplicated or stripped of their metadata (a note says so); else from
+   the submission, with a note (a released notebook has no hidden tests).
 2. **cases** (parent): every needed exercise's visible and hidden cases are written with
-   ``torch.save`` to a temporary directory.
-3. **running** (child, :mod:`attnlib.grading.child`): a fresh interpreter, in its own
-   process group with a wall-clock limit, runs the notebook's non-grade code cells in an
-   IPython shell, then calls the learner's objects on the cases and saves the raw outputs.
+   ``torch.save`` to the private directory.
+3. **running** (child, :mod:`attnlib.grading.child`, started through
+   :mod:`attnlib.grading.sandbox`): a fresh interpreter runs the notebook's code cells (not
+   its test cells) in an IPython shell, then calls the learner's objects on the cases, under
+   a watcher of forbidden calls, and saves the raw outputs.
 4. **judging** (parent): outputs are loaded with ``torch.load(weights_only=True)`` and
    compared with :func:`attnlib.grading.core.judge`. An item passes when every case of
    every check call in its cell passes; its points are all or nothing.
+
+One fault costs one item
+------------------------
+The parent times every step the child reports (a cell, a case, an extra check) and keeps the
+last 20 kB of its output (:attr:`Report.log`). When the child dies (a segmentation fault,
+``os._exit``, the memory or CPU limit, a step past its time limit, too much output), the
+parent names what happened and where, and starts a fresh child: one that skips the culprit
+cell (a fault in a notebook cell), or that resumes at the next exercise (a fault in a graded
+call), at most ``max_restarts`` times and within the overall ``timeout``. Results of an
+exercise are read once, when the attempt that graded it ends.
+
+What is enforced where
+----------------------
+=============================================  ===========================  ====================
+Protection                                     Linux, user namespaces       no namespaces (e.g.
+                                               (unprivileged, or root)      Docker's seccomp)
+=============================================  ===========================  ====================
+own process group, wall-clock limit, per-step  yes                          yes
+limits, restarts after a crash
+private working directory (a copy of the       yes (on a private tmpfs)     yes (a temporary
+submission only; not on ``sys.path``:                                       directory)
+``python -I``)
+scrubbed environment (PATH, HOME, LANG,        yes                          yes
+TMPDIR, MPLBACKEND, thread counts)
+memory (RLIMIT_DATA and RLIMIT_AS), CPU time,  yes                          yes
+file size, no core dumps, no new privileges
+output (per step, then the process is          yes                          yes
+stopped), disk use of the private directory
+no network                                     yes (empty network ns)       **no**
+course repository hidden except ``attnlib``    yes (empty tmpfs mounts,     **no**
+and the virtual environment (``solutions/``,   locked)
+``tools/``, ``.git``...), the submission's
+folder, ``hide`` paths (gradebook, submitted/)
+whole file system read-only; private ``/tmp``  yes                          **no**
+and ``/dev/shm`` (other submissions unseen)
+grader's processes invisible (PID namespace,   yes                          **no**
+fresh ``/proc``)
+=============================================  ===========================  ====================
+
+As root without user namespaces, the mount, network and PID namespaces are still used and
+the child runs as ``nobody``. What was enforced for a run is in :attr:`Report.sandbox` and
+in one line of :attr:`Report.notes`. The call watcher (:class:`attnlib.grading.child.
+CallWatcher`) and the comparison in the parent work everywhere. Not covered anywhere: code
+that computes the reference's outputs outside a graded call (the exercises' cases are
+generated by the public :mod:`attnlib.grading`) and replays them, and deep tampering with the
+child's own memory (``ctypes``, rewriting the code that puts the grader back): the values are
+still compared in the parent, and a person reading the notebook sees such code. Without
+namespaces, processes the notebook starts in a new session outlive the child until their CPU
+limit.
+
+Notebook files: nbformat 4 is read as JSON (``nbformat`` takes seconds to import); older
+formats go through ``nbformat.reads(..., as_version=4)``; corrupt JSON is a
+:class:`GradingError`.
 """
 
 from __future__ import annotations
 
 import ast
 import dataclasses
+import io
 import json
+import math
 import os
+import re
+import select
 import shutil
 import signal
+import stat
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import textwrap
+import threading
+import time
+import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -42,8 +108,23 @@ from .core import EXERCISES, Case, judge
 __all__ = ["GradingError", "Item", "Report", "grade_notebook", "find_source", "parse_items",
            "format_table", "main"]
 
-#: Default wall-clock limit (seconds) for the whole child process.
+#: Default wall-clock limit (seconds) for all the child processes of one notebook together.
 DEFAULT_TIMEOUT = 120.0
+#: Default memory limit of the child (bytes): RLIMIT_DATA, and RLIMIT_AS above what it has
+#: mapped once torch is imported.
+DEFAULT_MEMORY_LIMIT = 4 << 30
+#: Default limit on what one cell or one case may print (bytes).
+DEFAULT_OUTPUT_LIMIT = 1 << 20
+#: Default limit on the size of one file the child writes (bytes).
+DEFAULT_FILE_LIMIT = 64 << 20
+#: Default limit on the files the child leaves in its private directory (bytes).
+DEFAULT_DISK_LIMIT = 256 << 20
+#: Default number of fresh children after a crash, a hang or too much output.
+DEFAULT_MAX_RESTARTS = 5
+#: :attr:`Report.log` keeps the first and last bytes of the child's output, this many in all.
+LOG_LIMIT = 20_000
+
+SANDBOX_SCRIPT = Path(__file__).with_name("sandbox.py")
 
 
 class GradingError(Exception):
@@ -72,9 +153,19 @@ class Item:
 
 @dataclass
 class Report:
+    """The result of :func:`grade_notebook`.
+
+    ``notes`` are about the notebook as a whole (cells that failed, test cells that differ
+    from the source, what the sandbox enforced); ``log`` is the child processes' combined
+    output (bounded: the first and last bytes, :data:`LOG_LIMIT` in all), for a per-learner
+    log; ``sandbox`` what the sandbox enforced (mode, network, hidden paths, limits).
+    """
+
     notebook: str
     items: list[Item]
     notes: list[str] = field(default_factory=list)
+    log: str = ""
+    sandbox: dict = field(default_factory=dict)
 
     @property
     def score(self) -> float:
@@ -97,23 +188,71 @@ def _num(x: float) -> float | int:
 # --------------------------------------------------------------------------- notebooks
 
 
-def _read_notebook(path: Path) -> dict:
+def _upgrade_v3(raw: dict) -> dict:
+    """nbformat 3 (cells in worksheets, code in ``input``) without nbformat installed."""
+    cells = []
+    for ws in raw.get("worksheets") or []:
+        for cell in (ws or {}).get("cells") or []:
+            if not isinstance(cell, dict):
+                continue
+            cell = dict(cell)
+            if cell.get("cell_type") == "code" and "input" in cell:
+                cell["source"] = cell.pop("input")
+            if cell.get("cell_type") == "heading":
+                cell["cell_type"] = "markdown"
+            cells.append(cell)
+    return {"cells": cells, "metadata": raw.get("metadata", {}), "nbformat": 4, "nbformat_minor": 0}
+
+
+def _convert(text: str, raw: dict) -> dict:
+    """An older (or unusual) notebook as nbformat 4, through nbformat when installed."""
+    try:
+        import nbformat
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            nb = nbformat.reads(text, as_version=4)
+        if isinstance(nb.get("cells"), list):
+            return nb
+    except Exception:  # nbformat cannot read it: do the essentials here
+        pass
+    return _upgrade_v3(raw) if not isinstance(raw.get("cells"), list) else raw
+
+
+def _read_notebook(path: Path, notes: list[str] | None = None) -> dict:
+    """The notebook as nbformat 4 (a dict with ``cells``); :class:`GradingError` when the
+    file cannot be read as a notebook at all."""
     if not path.exists():
         raise GradingError(f"{path}: no such file")
     if not path.is_file():
         raise GradingError(f"{path}: not a file")
     try:
-        nb = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        raw = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise GradingError(f"{path}: not a Jupyter notebook (not valid JSON: {exc})") from None
-    if not isinstance(nb, dict) or not isinstance(nb.get("cells"), list):
+    except OSError as exc:
+        raise GradingError(f"{path}: cannot be read ({exc.strerror})") from None
+    if not isinstance(raw, dict) or not (isinstance(raw.get("cells"), list)
+                                         or isinstance(raw.get("worksheets"), list)):
         raise GradingError(f"{path}: not a Jupyter notebook (no list of cells)")
+    version = raw.get("nbformat")
+    if isinstance(raw.get("cells"), list) and version == 4:
+        nb = raw  # nbformat 4: read as it is (nbformat itself takes seconds to import)
+        ids = [c.get("id") for c in raw["cells"] if isinstance(c, dict) and c.get("id") is not None]
+        if notes is not None and len(ids) != len(set(map(str, ids))):
+            notes.append(f"{path.name}: duplicate cell ids (ignored: grading uses the nbgrader grade ids)")
+    else:
+        nb = _convert(text, raw)
+        if notes is not None:
+            notes.append(f"{path.name} is in nbformat {version}; converted to nbformat 4 for grading")
+    nb["cells"] = [c for c in nb["cells"] if isinstance(c, dict)]
     return nb
 
 
 def _source(cell: dict) -> str:
     src = cell.get("source", "")
-    return "".join(src) if isinstance(src, list) else str(src)
+    return "".join(str(s) for s in src) if isinstance(src, list) else str(src)
 
 
 def _nbgrader(cell: dict) -> dict:
@@ -162,20 +301,29 @@ def _check_calls(source: str) -> tuple[list[CheckCall], str]:
     return calls, ""
 
 
+def _points(nbg: dict) -> float:
+    try:
+        points = float(nbg.get("points", 0))
+    except (TypeError, ValueError):
+        return 0.0
+    return points if math.isfinite(points) and points >= 0 else 0.0
+
+
 def parse_items(nb: dict) -> list[Item]:
-    """The graded items of a notebook: one per grade cell, in notebook order."""
-    items = []
+    """The graded items of a notebook: one per grade cell, in notebook order (a grade id
+    that appears twice counts once, the first time)."""
+    items: list[Item] = []
+    seen: set[str] = set()
     for n, cell in enumerate(nb["cells"]):
         if not _is_grade_cell(cell):
             continue
         nbg = _nbgrader(cell)
-        points = nbg.get("points", 0)
-        try:
-            points = float(points)
-        except (TypeError, ValueError):
-            points = 0.0
+        grade_id = str(nbg.get("grade_id") or f"cell-{n}")
+        if grade_id in seen:
+            continue
+        seen.add(grade_id)
         calls, problem = _check_calls(_source(cell))
-        items.append(Item(str(nbg.get("grade_id") or f"cell-{n}"), points, calls, problem))
+        items.append(Item(grade_id, _points(nbg), calls, problem))
     return items
 
 
@@ -197,17 +345,163 @@ def find_source(submission: Path, root: Path | None = None) -> Path | None:
     return None
 
 
-# --------------------------------------------------------------------------- the child
+# --------------------------------------------------------------------------- integrity
+
+
+_HIDDEN_BLOCK = ("### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS")
+
+
+def _visible_text(source: str) -> str:
+    """A test cell's source as released: the hidden-tests block removed, whitespace folded."""
+    lines, hidden = [], False
+    for line in source.splitlines():
+        if line.strip() == _HIDDEN_BLOCK[0]:
+            hidden = True
+        elif line.strip() == _HIDDEN_BLOCK[1]:
+            hidden = False
+        elif not hidden:
+            lines.append(line.rstrip())
+    return "\n".join(ln for ln in lines if ln.strip())
+
+
+def _compare_test_cells(sub_nb: dict, src_nb: dict) -> tuple[list[str], set[int]]:
+    """Notes on the submission's test cells against the source's, and the indices of
+    submission cells that are source test cells stripped of their metadata (not run)."""
+    notes: list[str] = []
+    src_cells = {}
+    for cell in src_nb["cells"]:
+        if _is_grade_cell(cell):
+            src_cells.setdefault(str(_nbgrader(cell).get("grade_id")), cell)
+    by_id: dict[str, list[tuple[int, dict]]] = {}
+    for n, cell in enumerate(sub_nb["cells"]):
+        gid = _nbgrader(cell).get("grade_id")
+        if gid is not None and str(gid) in src_cells:
+            by_id.setdefault(str(gid), []).append((n, cell))
+    src_text = {gid: _visible_text(_source(c)) for gid, c in src_cells.items()}
+    stripped: set[int] = set()
+    for n, cell in enumerate(sub_nb["cells"]):
+        if cell.get("cell_type") != "code" or _nbgrader(cell).get("grade_id") is not None:
+            continue
+        text = _visible_text(_source(cell))
+        match = next((gid for gid, t in src_text.items() if t and t == text), None)
+        if match is None and "check(" in text:
+            calls, _ = _check_calls(_source(cell))
+            src_calls = {gid: _check_calls(_source(c))[0] for gid, c in src_cells.items()}
+            visible = [(c.exercise_id, c.name) for c in calls if not c.hidden]
+            match = next((gid for gid, cs in src_calls.items() if visible and visible ==
+                          [(c.exercise_id, c.name) for c in cs if not c.hidden]), None)
+        if match is not None:
+            stripped.add(n)
+            notes.append(f"cell {n} is the test cell {match!r} without its nbgrader metadata: it was not "
+                         "run (the tests come from the source notebook)")
+    for gid, src in src_cells.items():
+        cells = by_id.get(gid, [])
+        if not cells:
+            if not any(f"{gid!r}" in note for note in notes):
+                notes.append(f"the test cell {gid!r} is missing from the submission (deleted, or its "
+                             "metadata changed); graded from the source notebook")
+            continue
+        if len(cells) > 1:
+            notes.append(f"the test cell {gid!r} appears {len(cells)} times in the submission "
+                         f"(cells {', '.join(str(n) for n, _ in cells)}); counted once, from the source")
+        n, cell = cells[0]
+        nbg, src_nbg = _nbgrader(cell), _nbgrader(src)
+        changes = []
+        if not _is_grade_cell(cell):
+            changes.append("it is no longer a grade cell")
+        if _points(nbg) != _points(src_nbg):
+            changes.append(f"its points changed ({_num(_points(src_nbg))} -> {nbg.get('points')!r})")
+        if bool(nbg.get("locked")) != bool(src_nbg.get("locked")):
+            changes.append("its locked flag changed")
+        if _visible_text(_source(cell)) != src_text[gid]:
+            changes.append("its code was edited")
+        if changes:
+            notes.append(f"the test cell {gid!r} (cell {n}) differs from the source: {'; '.join(changes)}. "
+                         "Points and checks come from the source notebook")
+    for n, cell in enumerate(sub_nb["cells"]):
+        gid = _nbgrader(cell).get("grade_id")
+        if _is_grade_cell(cell) and str(gid) not in src_cells:
+            notes.append(f"cell {n} is a grade cell {gid!r} that the source notebook does not have: ignored "
+                         "(not run, no points)")
+    return notes, stripped
+
+
+def _defined_names(source: str) -> set[str]:
+    """Top-level names a cell binds (def, class, assignment, import)."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:  # what the lines look like they define
+        return {a or b for a, b in re.findall(r"^(?:async\s+)?(?:def|class)\s+(\w+)|^(\w+)\s*(?::|=(?!=))",
+                                              source, re.M)}
+    names: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for t in targets:
+                names |= {n.id for n in ast.walk(t) if isinstance(n, ast.Name)}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+    return names
+
+
+# --------------------------------------------------------------------------- files the child wrote
+
+
+def _safe_read(path: Path, limit: int) -> bytes | None:
+    """A regular file's bytes (no symlink followed, no FIFO opened), ``None`` if it is not
+    one or is larger than ``limit``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+            return None
+        chunks, total = [], 0
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            total += len(chunk)
+            if total > limit:
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _safe_write(path: Path, data: bytes) -> None:
+    """Write ``path`` through a fresh file renamed over it (never through a link the child
+    may have left there)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
 
 
 def _case_fields(case: Case) -> dict:
     return {f.name: getattr(case, f.name) for f in dataclasses.fields(case)}
 
 
-def _load_output(path: Path) -> dict:
+def _load_output(path: Path, limit: int = DEFAULT_FILE_LIMIT) -> dict:
     """One case's entry written by the child; never unpickles anything but plain values."""
+    data = _safe_read(path, limit)
+    if data is None:
+        return {"kind": "error", "extra": None, "message": "the grading process wrote no readable result "
+                "for this case"}
     try:
-        entry = torch.load(path, weights_only=True)
+        entry = torch.load(io.BytesIO(data), weights_only=True)
     except Exception:
         return {"kind": "unsupported", "extra": None,
                 "message": "returned an object that is not a plain torch.Tensor (it could not be "
@@ -217,54 +511,385 @@ def _load_output(path: Path) -> dict:
     return entry
 
 
-def _read_json(path: Path) -> Any:
+def _read_json(path: Path, limit: int = 1 << 20) -> Any:
+    data = _safe_read(path, limit)
+    if data is None:
+        return None
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        return json.loads(data)
+    except ValueError:
         return None
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def _dir_size(path: Path, cap: int) -> int:
+    """Bytes under ``path`` (no link followed), stopping once past ``cap``."""
+    total, stack = 0, [str(path)]
+    while stack and total <= cap:
+        try:
+            with os.scandir(stack.pop()) as it:
+                for entry in it:
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            stack.append(entry.path)
+                        else:
+                            total += entry.stat(follow_symlinks=False).st_blocks * 512
+                    except OSError:
+                        continue
+        except OSError:
+            continue
+    return total
+
+
+def _size(n: float) -> str:
+    if n >= 1 << 30:
+        return f"{n / (1 << 30):g} GiB"
+    if n >= 1 << 20:
+        return f"{n / (1 << 20):g} MiB"
+    return f"{n / 1024:g} kB"
+
+
+# --------------------------------------------------------------------------- the child
+
+
+class _Log:
+    """The children's output: the first and the last bytes (``LOG_LIMIT`` in all)."""
+
+    def __init__(self, limit: int = LOG_LIMIT) -> None:
+        self.head_limit, self.tail_limit = limit // 4, limit - limit // 4
+        self.head = bytearray()
+        self.tail = bytearray()
+        self.dropped = 0
+        self.lock = threading.Lock()
+
+    def add(self, data: bytes) -> None:
+        with self.lock:
+            room = self.head_limit - len(self.head)
+            if room > 0:
+                self.head += data[:room]
+                data = data[room:]
+            self.tail += data
+            if len(self.tail) > self.tail_limit:
+                cut = len(self.tail) - self.tail_limit
+                self.dropped += cut
+                del self.tail[:cut]
+
+    def text(self) -> str:
+        with self.lock:
+            middle = f"\n[... {self.dropped} bytes of output left out ...]\n".encode() if self.dropped else b""
+            return (bytes(self.head) + middle + bytes(self.tail)).decode("utf-8", errors="replace")
+
+
+class _Reader(threading.Thread):
+    """Drains the child's stdout/stderr pipe into the log; counts the bytes of each step."""
+
+    def __init__(self, stream: Any, log: _Log) -> None:
+        super().__init__(daemon=True)
+        self.fd = stream.fileno()
+        self.log = log
+        self.step_bytes = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                ready, _, _ = select.select([self.fd], [], [], 0.2)
+            except (OSError, ValueError):
+                return
+            if not ready:
+                continue
+            try:
+                data = os.read(self.fd, 1 << 16)
+            except OSError:
+                return
+            if not data:
+                return
+            self.step_bytes += len(data)
+            self.log.add(data)
+
+
+@dataclass
+class _Attempt:
+    """How one child process ended."""
+
+    done: bool
+    progress: dict
+    returncode: int | None
+    signal: int | None
+    killed: str = ""  # "deadline", "step", "output", "disk" when the parent stopped it
+    sandbox: dict = field(default_factory=dict)
+    started: bool = False
+
+
+def _exited(proc: subprocess.Popen) -> bool:
+    """Whether the child ended, without reaping it (so that killing its process group
+    afterwards cannot hit a new process that got the same id)."""
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+    except (AttributeError, OSError):  # no waitid here
+        return proc.poll() is not None
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """The child's process group, and the child itself (it may have left the group)."""
+    for kill in (os.killpg, os.kill):
+        try:
+            kill(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
     try:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         pass
 
 
-def _tail(path: Path, n: int = 600) -> str:
+def _child_env(workdir: Path) -> dict[str, str]:
+    """The child's whole environment: nothing else of the parent's (no variable that says a
+    grader or a test runner is running)."""
+    python_dir = os.path.dirname(sys.executable)
+    env = {
+        "PATH": os.pathsep.join(dict.fromkeys([python_dir, "/usr/local/bin", "/usr/bin", "/bin"])),
+        "HOME": str(workdir / "home"),
+        "TMPDIR": str(workdir / "tmp"),
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "MPLBACKEND": "Agg",
+        "MPLCONFIGDIR": str(workdir / "home" / ".matplotlib"),
+        "IPYTHONDIR": str(workdir / "home" / ".ipython"),
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+    }
+    if os.environ.get("LD_LIBRARY_PATH"):  # where the interpreter's libraries may live
+        env["LD_LIBRARY_PATH"] = os.environ["LD_LIBRARY_PATH"]
+    return env
+
+
+def _keep_paths() -> list[str]:
+    """What the child needs from hidden folders: attnlib and the Python installation."""
+    import attnlib
+
+    keep = {os.path.dirname(os.path.abspath(attnlib.__file__)), sys.prefix, sys.base_prefix,
+            os.path.dirname(os.path.realpath(sys.executable))}
+    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
+        path = sysconfig.get_paths().get(key)
+        if path:
+            keep.add(path)
+    keep |= {p for p in sys.path if p and os.path.isdir(p) and os.path.basename(p) in ("site-packages",
+                                                                                        "dist-packages")}
+    return sorted(os.path.abspath(k) for k in keep)
+
+
+def _hidden_paths(submission: Path, src_path: Path | None, hide: Iterable[os.PathLike | str],
+                  workdir: Path) -> list[str]:
+    root = repo_root()
+    course = (root / "solutions").is_dir()
+    paths = [root] if course else [root / "solutions", root / "tools"]
+    paths.append(submission.resolve().parent)
+    if src_path is not None:
+        paths.append(src_path.resolve())
+    paths += [Path(h) for h in hide]
+    out: list[str] = []
+    work = str(workdir.resolve())
+    for p in paths:
+        s = os.path.abspath(str(p))
+        if s == "/" or work == s or work.startswith(s.rstrip("/") + "/"):
+            continue  # would hide the private directory itself
+        out.append(s)
+    return list(dict.fromkeys(out))
+
+
+def _sandbox_options() -> dict:
+    """More settings for :mod:`attnlib.grading.sandbox` (the tests replace this: e.g.
+    ``{"userns": False}`` to try what a root without user namespaces gets)."""
+    return {}
+
+
+def _run_attempt(workdir: Path, config: dict, deadline: float, step_timeout: float,
+                 output_limit: int, disk_limit: int, log: _Log) -> _Attempt:
+    grader = workdir / "grader"
+    _safe_write(grader / "sandbox_config.json", json.dumps(config).encode())
+    proc = subprocess.Popen([sys.executable, "-I", "-B", str(SANDBOX_SCRIPT), str(grader / "sandbox_config.json")],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=config["env"], cwd=str(workdir / "home"), start_new_session=True,
+                            close_fds=True)
+    assert proc.stdout is not None
+    reader = _Reader(proc.stdout, log)
+    reader.start()
+    step: Any = object()
+    step_start = time.monotonic()
+    grace = 1.0 + 0.25 * step_timeout  # the child's own alarm comes first
+    last_disk = time.monotonic()
+    killed = ""
+    progress: dict = {}
     try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return text[-n:].strip()
+        while True:
+            returncode = 0 if _exited(proc) else None  # not reaped yet: its group id stays reserved
+            progress = _read_json(grader / "progress.json") or progress
+            now = time.monotonic()
+            if progress.get("step") != step:
+                step, step_start = progress.get("step"), now
+                reader.step_bytes = 0
+            if returncode is not None:
+                break
+            if now >= deadline:
+                killed = "deadline"
+                break
+            if progress.get("phase") in ("cell", "case", "extra", "exercise") \
+                    and now - step_start > step_timeout + grace:
+                killed = "step"
+                break
+            if reader.step_bytes > 2 * output_limit + 65536:
+                killed = "output"
+                break
+            if now - last_disk > 1.0:
+                last_disk = now
+                if _dir_size(workdir, disk_limit) > disk_limit:
+                    killed = "disk"
+                    break
+            time.sleep(0.05)
+    finally:
+        _kill_group(proc)
+        reader.stop.set()
+        reader.join(timeout=5)
+        proc.stdout.close()
+    final = _read_json(grader / "progress.json")
+    if isinstance(final, dict):
+        progress = final
+    exit_info = _read_json(grader / "exit.json") or {}
+    sandbox = _read_json(grader / "sandbox.json") or {}
+    sig = exit_info.get("signal") if isinstance(exit_info, dict) else None
+    code = exit_info.get("code") if isinstance(exit_info, dict) and "code" in exit_info else proc.returncode
+    if sig is None and proc.returncode is not None and proc.returncode < 0 and not killed:
+        sig = -proc.returncode
+    done = _safe_read(grader / "done.json", 1024) is not None
+    return _Attempt(done, progress if isinstance(progress, dict) else {}, code,
+                    sig if isinstance(sig, int) else None, killed, sandbox if isinstance(sandbox, dict) else {},
+                    started=bool(progress))
+
+
+_SIGNALS = {
+    "SIGSEGV": "segmentation fault: a crash in native code, or a very deep recursion",
+    "SIGBUS": "bus error",
+    "SIGILL": "illegal instruction",
+    "SIGFPE": "floating-point exception",
+    "SIGABRT": "aborted",
+    "SIGTERM": "terminated",
+    "SIGINT": "interrupted",
+    "SIGPIPE": "broken pipe",
+}
+
+
+def _describe(att: _Attempt, step_timeout: float, limits: dict) -> str:
+    """What ended an attempt, for a person."""
+    if att.killed == "step":
+        return (f"the code did not finish within {step_timeout:g} s (an infinite loop?) and ignored the "
+                "interruption: the process was stopped")
+    if att.killed == "output":
+        return (f"the code printed more than {_size(limits['output'])} (the output limit): the process "
+                "was stopped and the rest of the output discarded")
+    if att.killed == "disk":
+        return (f"the code wrote more than {_size(limits['disk'])} of files (the disk limit): the process "
+                "was stopped")
+    exit_code = att.progress.get("exit")
+    if exit_code is not None:
+        return f"os._exit({exit_code}) ended the process"
+    if att.signal:
+        try:
+            name = signal.Signals(att.signal).name
+        except ValueError:
+            name = f"signal {att.signal}"
+        if name == "SIGXCPU":
+            why = f"CPU time limit of {limits['cpu']} s exceeded"
+        elif name == "SIGXFSZ":
+            why = f"wrote a file larger than {_size(limits['file'])}"
+        elif name == "SIGKILL":
+            why = (f"probably for using too much memory: the memory limit is {_size(limits['memory'])}"
+                   if limits.get("memory") else "probably for using too much memory")
+        else:
+            why = _SIGNALS.get(name, "")
+        return f"the process was killed by signal {name}" + (f" ({why})" if why else "")
+    return (f"the process ended (exit code {att.returncode}) before grading was done: sys.exit() "
+            "outside a cell, os._exit() or a crash of the interpreter")
+
+
+def _where(progress: dict, needed: list[tuple[str, str]]) -> str:
+    phase = progress.get("phase")
+    if phase == "cell":
+        return f"while running cell {progress.get('cell')} of the notebook"
+    if phase in ("case", "extra", "exercise") and isinstance(progress.get("k"), int) \
+            and 0 <= progress["k"] < len(needed):
+        return f"while calling {needed[progress['k']][1]}"
+    return "while starting"
+
+
+def _sandbox_note(sandbox: dict) -> str:
+    limits = sandbox.get("limits") or {}
+    parts = []
+    if limits.get("data"):
+        parts.append(f"memory {_size(limits['data'])}")
+    if limits.get("cpu"):
+        parts.append(f"CPU {limits['cpu']} s")
+    if limits.get("fsize"):
+        parts.append(f"files {_size(limits['fsize'])}")
+    limit_text = ", ".join(parts) or "none"
+    if sandbox.get("mode") in ("namespaces", "root") and sandbox.get("mounts"):
+        hidden = ", ".join(sandbox.get("hidden") or []) or "nothing"
+        text = (f"sandbox: {'user, ' if sandbox['mode'] == 'namespaces' else ''}mount, network and PID "
+                f"namespaces, as {sandbox.get('user', 'an unprivileged user')}: no network, "
+                f"{'read-only file system, ' if sandbox.get('readonly') else ''}private /tmp; hidden: "
+                f"{hidden}; limits: {limit_text}")
+    elif sandbox.get("mode") in ("namespaces", "root"):
+        text = (f"sandbox: network and PID namespaces only (no mounts: the course's solutions/ and other "
+                f"submissions are NOT hidden from the notebook's code); no network; limits: {limit_text}")
+    else:
+        why = "; ".join(sandbox.get("problems") or []) or "not available"
+        text = (f"sandbox: no namespaces ({why}): network access and the files of this machine (the "
+                f"course's solutions/, other submissions) are NOT protected from the notebook's code; "
+                f"enforced: private working directory, scrubbed environment, limits: {limit_text}")
+    problems = [p for p in sandbox.get("problems") or [] if sandbox.get("mode") != "none"]
+    if problems:
+        text += " (" + "; ".join(problems) + ")"
+    return text
 
 
 def grade_notebook(path: str | os.PathLike, source: str | os.PathLike | None = None,
                    timeout: float = DEFAULT_TIMEOUT, step_timeout: float | None = None,
-                   find: bool = True) -> Report:
+                   find: bool = True, *, memory_limit: int | None = DEFAULT_MEMORY_LIMIT,
+                   hide: Iterable[str | os.PathLike] = (), isolate: bool = True,
+                   output_limit: int = DEFAULT_OUTPUT_LIMIT, file_limit: int = DEFAULT_FILE_LIMIT,
+                   disk_limit: int = DEFAULT_DISK_LIMIT, max_restarts: int = DEFAULT_MAX_RESTARTS) -> Report:
     """Grade ``path``; raise :class:`GradingError` only when grading itself cannot run.
 
-    ``timeout`` bounds the whole child process (wall clock); ``step_timeout`` (default a
-    quarter of it, at least 1 s) bounds one notebook cell or one case, so that one infinite
-    loop costs only the items that need it. ``find=False`` skips the lookup of the source
-    notebook under ``solutions/``.
+    ``timeout`` bounds all the child processes together (wall clock); ``step_timeout``
+    (default a quarter of it, at least 1 s) bounds one notebook cell or one case, so that one
+    infinite loop costs only the items that need it. ``find=False`` skips the lookup of the
+    source notebook under ``solutions/``. ``memory_limit`` (bytes, ``None`` for none),
+    ``output_limit`` (bytes one cell or case may print), ``file_limit`` (bytes of one file),
+    ``disk_limit`` (bytes of files in the private directory) and ``max_restarts`` (fresh
+    children after a crash) bound the child; ``hide`` names more paths its code must not
+    read or write (e.g. a gradebook, the other submissions), besides the course repository
+    (but ``attnlib``), the submission's own folder and the source notebook;
+    ``isolate=False`` skips the namespaces (see the module docstring). The submission is
+    never modified: the child works on a copy. Safe to call from several threads at once.
     """
     path = Path(path)
-    nb = _read_notebook(path)
     notes: list[str] = []
+    nb = _read_notebook(path, notes)
     src_path = Path(source) if source is not None else (find_source(path) if find else None)
+    stripped: set[int] = set()
     if src_path is not None:
         src_nb = _read_notebook(src_path)
         items = parse_items(src_nb)
-        source_ids = {i.id for i in items}
         if not items:
             raise GradingError(f"{src_path}: the source notebook has no grade cells "
                                "(nbgrader metadata grade: true)")
         notes.append(f"grade cells, points and checks taken from the source notebook {src_path}")
+        if src_path.resolve() != path.resolve():
+            integrity, stripped = _compare_test_cells(nb, src_nb)
+            notes += integrity
+        source_ids = {i.id for i in items}
     else:
         items = parse_items(nb)
         source_ids = set()
@@ -275,12 +900,12 @@ def grade_notebook(path: str | os.PathLike, source: str | os.PathLike | None = N
     step = max(1.0, timeout / 4) if step_timeout is None else float(step_timeout)
 
     # the learner's code: every code cell that is not a test cell (of the submission or, by
-    # its grade_id, of the source)
+    # its grade_id, of the source, or a source test cell stripped of its metadata)
     cells = []
     for n, cell in enumerate(nb["cells"]):
-        if cell.get("cell_type") != "code" or _is_grade_cell(cell):
+        if cell.get("cell_type") != "code" or _is_grade_cell(cell) or n in stripped:
             continue
-        if _nbgrader(cell).get("grade_id") in source_ids:
+        if str(_nbgrader(cell).get("grade_id")) in source_ids:
             continue
         cells.append({"index": n, "source": _source(cell)})
 
@@ -295,138 +920,284 @@ def grade_notebook(path: str | os.PathLike, source: str | os.PathLike | None = N
 
     workdir = Path(tempfile.mkdtemp(prefix="attnlib-grade-"))
     try:
+        os.chmod(workdir, 0o755)
+        grader = workdir / "grader"
+        for sub in ("grader", "submission", "home", "tmp"):
+            (workdir / sub).mkdir()
+        notebook_copy = workdir / "submission" / path.name
+        shutil.copyfile(path, notebook_copy)
         cases: dict[tuple[str, str], dict[str, list[Case]]] = {}
+        case_bytes: dict[int, bytes] = {}
         for k, key in enumerate(needed):
             ex = EXERCISES[key[0]]
             cases[key] = {"visible": ex.make_cases(False) if key in visible_needed else [],
                           "hidden": ex.make_cases(True) if key in hidden_needed else []}
-            torch.save({w: [_case_fields(c) for c in cs] for w, cs in cases[key].items()},
-                       workdir / f"cases_{k}.pt")
-        job = {"cells": cells, "exercises": needed, "step_timeout": step,
-               "cwd": str(path.resolve().parent)}
-        (workdir / "job.json").write_text(json.dumps(job))
-        run = _run_child(workdir, timeout)
-        _judge_items(items, needed, cases, workdir, run, timeout)
-        notes += [f"cell {e['index']} of the notebook {e['message']}" for e in run.cell_errors]
-        if run.timed_out:
-            notes.append(_child_failure(run, timeout))
+            buf = io.BytesIO()
+            torch.save({w: [_case_fields(c) for c in cs] for w, cs in cases[key].items()}, buf)
+            case_bytes[k] = buf.getvalue()
+        limits = {"memory": memory_limit, "output": output_limit, "file": file_limit, "disk": disk_limit,
+                  "cpu": int(math.ceil(timeout)) + 10}
+        env = _child_env(workdir)
+        config = {
+            "workdir": str(workdir), "notebook": str(notebook_copy), "cwd": str(workdir / "submission"),
+            "argv": [sys.executable, "-I", "-B", "-X", "faulthandler", "-m", "attnlib.grading.child",
+                     str(grader)],
+            "env": env, "isolate": isolate,
+            "hide": _hidden_paths(path, src_path, hide, workdir) if isolate else [],
+            "keep": _keep_paths(),
+            "scratch": sorted({p for p in (tempfile.gettempdir(), "/tmp", "/var/tmp", "/dev/shm")
+                               if os.path.isdir(p)}),
+            "scratch_size": f"{max(disk_limit, 1 << 20) // (1 << 20)}m",
+            "limits": {"core": 0, "data": memory_limit, "fsize": file_limit, "cpu": limits["cpu"]},
+            **_sandbox_options(),
+        }
+        run = _Run(items, needed, cases, workdir, step, limits, notes)
+        run.go(config, case_bytes, cells, time.monotonic() + timeout, timeout, max_restarts)
+        report = Report(str(path), items, run.notes, run.log.text(), run.sandbox)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    return Report(str(path), items, notes)
+    return report
 
 
-@dataclass
-class _ChildRun:
-    timed_out: bool
-    returncode: int | None
-    log: str
-    cell_errors: list[dict]
-    running_cell: int | None
+class _Run:
+    """The attempts of one notebook: start a child, read what it did, restart after a fault."""
 
+    def __init__(self, items: list[Item], needed: list[tuple[str, str]], cases: dict, workdir: Path,
+                 step: float, limits: dict, notes: list[str]) -> None:
+        self.items, self.needed, self.cases, self.workdir = items, needed, cases, workdir
+        self.grader = workdir / "grader"
+        self.step, self.limits, self.notes = step, limits, notes
+        self.log = _Log()
+        self.sandbox: dict = {}
+        self.skip: dict[int, str] = {}  # cell -> what it did
+        self.cell_errors: dict[int, str] = {}
+        self.results: dict[tuple[int, str, int], dict] = {}  # (k, which, i) -> entry
+        self.status: dict[int, dict] = {}
+        self.faults: dict[int, tuple[str, int | None, str]] = {}  # k -> (which, i, message)
+        self.ended = ""  # why the remaining exercises were not graded
+        self.defines: dict[int, set[str]] = {}
 
-def _run_child(workdir: Path, timeout: float) -> _ChildRun:
-    env = dict(os.environ, MPLBACKEND="Agg", PYTHONUNBUFFERED="1")
-    log_path = workdir / "child.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "attnlib.grading.child", str(workdir)],
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                env=env, start_new_session=True)
-        timed_out = False
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        finally:
-            _kill_group(proc)  # also anything the notebook started in the background
-    progress = _read_json(workdir / "progress.json") or {}
-    done = (workdir / "done.json").exists()
-    return _ChildRun(timed_out and not done, proc.returncode, _tail(log_path),
-                     progress.get("errors") or [], progress.get("running"))
-
-
-def _first_cell_error(run: _ChildRun) -> str:
-    if not run.cell_errors:
-        return ""
-    e = run.cell_errors[0]
-    more = f" (and {len(run.cell_errors) - 1} more cells failed)" if len(run.cell_errors) > 1 else ""
-    return f"cell {e['index']} of the notebook {e['message']}{more}"
-
-
-def _child_failure(run: _ChildRun, timeout: float) -> str:
-    if run.timed_out:
-        where = (f" while running cell {run.running_cell} of the notebook" if run.running_cell is not None
-                 else " while calling the learner's code")
-        return f"timed out: the notebook's code did not finish within {timeout:g} s{where} (an infinite loop?)"
-    msg = (f"the process running the notebook's code ended before grading was done (exit code "
-           f"{run.returncode}; does the notebook exit or crash the interpreter?)")
-    if run.returncode and run.log:
-        msg += ": " + run.log.splitlines()[-1][:300]
-    return msg
-
-
-def _judge_items(items: list[Item], needed: list[tuple[str, str]], cases: dict, workdir: Path,
-                 run: _ChildRun, timeout: float) -> None:
-    verdicts: dict[tuple[str, str, bool], tuple[int, str]] = {}  # -> (cases passed, first failure)
-    for k, key in enumerate(needed):
-        exercise_id, name = key
-        ex = EXERCISES[exercise_id]
-        status = _read_json(workdir / f"status_{k}.json")
-        for which in ("visible", "hidden"):
-            hidden = which == "hidden"
-            case_list = cases[key][which]
-            if not case_list:
+    def go(self, config: dict, case_bytes: dict[int, bytes], cells: list[dict], deadline: float,
+           timeout: float, max_restarts: int) -> None:
+        start, attempt, isolate = 0, 0, config["isolate"]
+        self.defines = {c["index"]: _defined_names(c["source"]) for c in cells}
+        while True:
+            for k in range(start, len(self.needed)):  # fresh files for what this attempt grades
+                for f in list(self.grader.glob(f"out_{k}_*")) + list(self.grader.glob(f"status_{k}.json")):
+                    f.unlink(missing_ok=True)
+            for name in ("progress.json", "done.json", "exit.json", "sandbox.json"):
+                (self.grader / name).unlink(missing_ok=True)
+            for k, data in case_bytes.items():
+                if k >= start:
+                    _safe_write(self.grader / f"cases_{k}.pt", data)
+            job = {"cells": cells, "skip": sorted(self.skip), "exercises": self.needed, "start": start,
+                   "step_timeout": self.step, "output_limit": self.limits["output"],
+                   "memory_limit": self.limits["memory"]}
+            _safe_write(self.grader / "job.json", json.dumps(job).encode())
+            if attempt:
+                what = [f"skipping cell{'s' if len(self.skip) > 1 else ''} {', '.join(map(str, sorted(self.skip)))}"
+                        ] if self.skip else []
+                if start < len(self.needed) and start:
+                    what.append(f"resuming at {self.needed[start][1]}")
+                if not isolate:
+                    what.append("without namespaces")
+                self.log.add(f"\n[attnlib grade] attempt {attempt + 1}: a fresh process "
+                             f"({'; '.join(what)})\n".encode())
+            config = dict(config, isolate=isolate)
+            att = _run_attempt(self.workdir, config, deadline, self.step, self.limits["output"],
+                               self.limits["disk"], self.log)
+            self.sandbox = att.sandbox or self.sandbox
+            if not att.started and not att.killed and isolate and att.sandbox.get("mode") != "none":
+                # the sandbox could not start the child here: once more without namespaces
+                lines = [ln for ln in self.log.text().splitlines() if ln.startswith("sandbox:")]
+                why = lines[-1][len("sandbox:"):].strip() if lines else "no output"
+                self.notes.append(f"the sandboxed child could not start ({why}); graded without namespaces")
+                config = dict(config, why_not_isolated=f"the namespaces could not start the child: {why}")
+                isolate = False
+                attempt += 1
                 continue
-            failure = ""
-            if status is None:
-                failure = _child_failure(run, timeout)
-            elif "missing" in status:
-                failure = f"no object named {name!r} is defined in the notebook"
-                cell_error = _first_cell_error(run)
-                if cell_error:
-                    failure += f"; {cell_error}"
-            elif "error" in status:
-                failure = status["error"]
-            if failure:
-                verdicts[(exercise_id, name, hidden)] = (0, failure)
-                continue
-            n_passed, first = 0, ""
-            for i, case in enumerate(case_list):
-                out_path = workdir / f"out_{k}_{which}_{i}.pt"
-                entry = _load_output(out_path) if out_path.exists() else \
-                    {"kind": "error", "extra": None, "message": _child_failure(run, timeout)}
-                if entry["kind"] == "value":
-                    result = judge(ex, case, entry.get("value"))
-                    ok, message = result.passed, result.message
-                    if ok and entry.get("extra"):
-                        ok, message = False, str(entry["extra"])
-                else:
-                    ok, message = False, str(entry.get("message", ""))
-                if ok:
-                    n_passed += 1
-                elif not first:
-                    label = "hidden case" if hidden else "case"
-                    first = f"{message}\n[{exercise_id}, {label} '{case.name}']"
-            verdicts[(exercise_id, name, hidden)] = (n_passed, first)
+            for e in att.progress.get("errors") or []:
+                if isinstance(e, dict) and isinstance(e.get("index"), int):
+                    self.cell_errors.setdefault(e["index"], str(e.get("message", ""))[:2000])
+            for note in att.progress.get("notes") or []:
+                if isinstance(note, str) and note[:2000] not in self.notes:
+                    self.notes.append(note[:2000])
+            progress = att.progress
+            last = len(self.needed) if att.done else self._culprit_exercise(progress, start)
+            self._collect(start, last)
+            if att.done or progress.get("phase") == "done":
+                break
+            if att.killed == "deadline":
+                timed_out = f"timed out: the notebook's code did not finish within {timeout:g} s"
+                self.ended = f"{timed_out} {_where(progress, self.needed)} (an infinite loop?)"
+                self.notes.append(self.ended)
+                self._fault_in_exercise(progress, f"{timed_out} (an infinite loop?)")
+                break
+            if not att.started:
+                raise GradingError("the grading process could not start: " +
+                                   (self.log.text().strip().splitlines() or ["no output"])[-1][:500])
+            message = _describe(att, self.step, self.limits)
+            phase = progress.get("phase")
+            if phase == "cell" and isinstance(progress.get("cell"), int):
+                cell = progress["cell"]
+                self.skip[cell] = message
+                self.cell_errors[cell] = f"did not run to the end: {message}"
+                self.notes.append(f"{message} while running cell {cell} of the notebook; the notebook was "
+                                  "run again without it")
+            elif phase in ("case", "extra", "exercise"):
+                k = self._fault_in_exercise(progress, message)
+                self.notes.append(f"{message} {_where(progress, self.needed)}; the other exercises were "
+                                  "graded in a fresh process")
+                start = k + 1
+            else:
+                self.ended = f"{message} {_where(progress, self.needed)}"
+                self.notes.append(self.ended)
+                break
+            attempt += 1
+            if start >= len(self.needed) and phase != "cell":
+                break
+            if attempt > max_restarts:
+                self.ended = (f"not graded: the notebook stopped the grading process {attempt} times "
+                              f"(the last time: {message})")
+                self.notes.append(self.ended)
+                break
+            if time.monotonic() >= deadline:
+                self.ended = f"timed out: the notebook's code did not finish within {timeout:g} s"
+                self.notes.append(self.ended)
+                break
+        self.notes += [f"cell {i} of the notebook {m}" for i, m in sorted(self.cell_errors.items())
+                       if i not in self.skip]
+        if self.sandbox:
+            self.notes.append(_sandbox_note(self.sandbox))
+        self._judge()
 
-    cell_error = _first_cell_error(run)
-    for item in items:
-        if item.problem:
-            item.feedback = item.problem
-            continue
-        first, total = "", 0
-        for c in item.calls:
-            n_passed, failure = verdicts[(c.exercise_id, c.name, c.hidden)]
-            if failure and not first:
-                first = failure if "\n[" in failure else f"{failure}\n[{c.exercise_id}]"
-            total += len(cases[(c.exercise_id, c.name)]["hidden" if c.hidden else "visible"])
-        item.passed = not first
-        item.points = item.max_points if item.passed else 0
-        if item.passed:
-            item.feedback = f"all {total} cases passed"
-        else:
-            if cell_error and "cell " not in first:
-                first += f"\n(note: {cell_error})"
-            item.feedback = first
+    def _culprit_exercise(self, progress: dict, start: int) -> int:
+        """The exercises fully graded by the attempt that just ended: ``start`` up to this."""
+        if progress.get("phase") in ("case", "extra", "exercise") and isinstance(progress.get("k"), int):
+            return progress["k"] + 1  # its cases before the fault count
+        return start
+
+    def _fault_in_exercise(self, progress: dict, message: str) -> int:
+        k = progress.get("k")
+        if progress.get("phase") not in ("case", "extra", "exercise") or not isinstance(k, int):
+            return len(self.needed)
+        i = progress.get("i") if isinstance(progress.get("i"), int) else None
+        which = progress.get("which") if progress.get("which") in ("visible", "hidden") else "visible"
+        self.faults[k] = (which, i if progress.get("phase") != "exercise" else None, message)
+        return k
+
+    def _collect(self, start: int, stop: int) -> None:
+        """Read the results of exercises ``start`` to ``stop - 1``, once."""
+        for k in range(start, min(stop, len(self.needed))):
+            status = _read_json(self.grader / f"status_{k}.json")
+            if isinstance(status, dict):
+                self.status[k] = status
+            key = self.needed[k]
+            for which in ("visible", "hidden"):
+                for i in range(len(self.cases[key][which])):
+                    out = self.grader / f"out_{k}_{which}_{i}.pt"
+                    if out.exists() or out.is_symlink():
+                        self.results[(k, which, i)] = _load_output(out, self.limits["file"])
+
+    # ------------------------------------------------------------------ judging
+
+    def _cell_error_for(self, name: str) -> str:
+        """The failed cell that matters for ``name``: one that defines it, else the first."""
+        if not self.cell_errors:
+            return ""
+        defining = [i for i in sorted(self.cell_errors) if name and name in self.defines.get(i, ())]
+        first = min(self.cell_errors)
+        if defining:
+            i = defining[0]
+            text = f"cell {i}, which defines it, {self.cell_errors[i]}"
+            if first < i:  # the root cause may be earlier (an import that failed)
+                text += f" (the first cell that failed: cell {first}, which {self.cell_errors[first]})"
+            return text
+        more = f" (and {len(self.cell_errors) - 1} more cells failed)" if len(self.cell_errors) > 1 else ""
+        return f"cell {first} of the notebook {self.cell_errors[first]}{more}"
+
+    def _judge(self) -> None:
+        verdicts: dict[tuple[str, str, bool], tuple[int, str]] = {}
+        for k, key in enumerate(self.needed):
+            exercise_id, name = key
+            ex = EXERCISES[exercise_id]
+            status = self.status.get(k)
+            fault = self.faults.get(k)
+            for which in ("visible", "hidden"):
+                hidden = which == "hidden"
+                case_list = self.cases[key][which]
+                if not case_list:
+                    continue
+                failure = ""
+                if status is not None and "missing" in status:
+                    failure = f"no object named {name!r} is defined in the notebook"
+                    cell_error = self._cell_error_for(name)
+                    if cell_error:
+                        failure += f"; {cell_error}"
+                elif status is not None and "error" in status:
+                    failure = str(status["error"])
+                elif status is None and fault is None and not any((k, which, i) in self.results
+                                                                   for i in range(len(case_list))):
+                    failure = self.ended or "not graded: the grading process ended before this exercise"
+                elif fault is not None and fault[1] is None:
+                    failure = f"{fault[2]} while calling {name}"
+                if failure:
+                    verdicts[(exercise_id, name, hidden)] = (0, failure)
+                    continue
+                n_passed, first = 0, ""
+                n_visible = len(self.cases[key]["visible"])
+                fault_at = None
+                if fault is not None:
+                    fault_at = 0 if fault[1] is None else fault[1] + (n_visible if fault[0] == "hidden" else 0)
+                for i, case in enumerate(case_list):
+                    pos = i + (n_visible if hidden else 0)
+                    entry = self.results.get((k, which, i))
+                    message = ""
+                    if fault_at is not None and pos == fault_at:
+                        entry, message = None, f"{fault[2]} while calling {name}"
+                    elif fault_at is not None and pos > fault_at:
+                        entry, message = None, "not run: the process was stopped by an earlier case"
+                    elif entry is None:
+                        message = self.ended or "not graded: the grading process ended first"
+                    if entry is None:
+                        ok = False
+                    elif entry["kind"] == "value":
+                        try:
+                            result = judge(ex, case, entry.get("value"))
+                            ok, message = result.passed, result.message
+                        except Exception as exc:  # an output the comparison cannot handle
+                            ok, message = False, (f"returned a value the grader cannot compare "
+                                                  f"({type(exc).__name__}: {exc})")
+                        if ok and entry.get("extra"):
+                            ok, message = False, str(entry["extra"])
+                    else:
+                        ok, message = False, str(entry.get("message", ""))
+                    if ok:
+                        n_passed += 1
+                    elif not first:
+                        label = "hidden case" if hidden else "case"
+                        first = f"{message}\n[{exercise_id}, {label} '{case.name}']"
+                verdicts[(exercise_id, name, hidden)] = (n_passed, first)
+
+        for item in self.items:
+            if item.problem:
+                item.feedback = item.problem
+                continue
+            first, total = "", 0
+            for c in item.calls:
+                n_passed, failure = verdicts[(c.exercise_id, c.name, c.hidden)]
+                if failure and not first:
+                    first = failure if "\n[" in failure else f"{failure}\n[{c.exercise_id}]"
+                total += len(self.cases[(c.exercise_id, c.name)]["hidden" if c.hidden else "visible"])
+            item.passed = not first
+            item.points = item.max_points if item.passed else 0
+            if item.passed:
+                item.feedback = f"all {total} cases passed"
+            else:
+                cell_error = self._cell_error_for(item.calls[0].name if item.calls else "")
+                if cell_error and "cell " not in first:
+                    first += f"\n(note: {cell_error})"
+                item.feedback = first
 
 
 # --------------------------------------------------------------------------- output
