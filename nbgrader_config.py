@@ -28,3 +28,8 @@ c.ClearHiddenTests.end_test_delimeter = "END HIDDEN TESTS"
 # runs too long (the slowest hidden case takes well under a second).
 c.OverwriteCells.add_missing_cells = True
 c.Execute.timeout = 120
+
+# `nbgrader zip_collect`: files downloaded from a learning platform go in
+# downloaded/<assignment>/archive/ (loose or in .zip archives), each named
+# "<student id>__<notebook file name>", e.g. "jsmith__02_queries_keys_values.ipynb".
+c.FileNameCollectorPlugin.named_regexp = r".*/(?P<student_id>[^/]+?)__(?P<file_id>[^/]+)$"  # matched on the whole path

@@ -73,6 +73,24 @@ def main(argv: list[str] | None = None) -> int:
     grade.add_argument("--source", metavar="PATH",
                        help="the source notebook with the grade cells and hidden tests (default: "
                             "solutions/<assignment>/<same name> in the course repository, if any)")
+    klass = commands.add_parser(
+        "grade-class", help="grade every submission of an assignment in submitted/ (nbgrader layout)",
+        description="Grade submitted/<student>/ASSIGNMENT/*.ipynb of an nbgrader course with the hardened "
+                    "grader, in parallel; results go to graded/<student>/ASSIGNMENT/ (result.json, grade.log). "
+                    "Run it again to resume after an interruption.")
+    klass.add_argument("assignment", metavar="ASSIGNMENT", help="the assignment, e.g. 02_queries_keys_values")
+    klass.add_argument("--root", default=".", help="the course root (default: the current directory)")
+    klass.add_argument("--source", default="solutions", help="the source directory (default: solutions)")
+    klass.add_argument("--out", default="graded", help="where results go, under the root (default: graded)")
+    klass.add_argument("--jobs", "-j", type=int, default=None, help="submissions graded at once (default: every core)")
+    klass.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
+                       help="wall-clock limit per notebook (default: 120)")
+    klass.add_argument("--student", action="append", dest="students", metavar="ID",
+                       help="grade only this student (repeatable)")
+    klass.add_argument("--gradebook", action="store_true",
+                       help="write the scores into nbgrader's gradebook.db and the autograded/ notebooks")
+    klass.add_argument("--force", action="store_true", help="regrade students already graded")
+    klass.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.command == "selfcheck":
         return selfcheck()
@@ -80,6 +98,18 @@ def main(argv: list[str] | None = None) -> int:
         from attnlib.grading.runner import main as grade_main
 
         return grade_main(args.notebook, as_json=args.json, timeout=args.timeout, source=args.source)
+    if args.command == "grade-class":
+        from attnlib.grading.classroom import main as class_main
+
+        if args.jobs is not None and args.jobs < 1:
+            print("attnlib grade-class: --jobs must be at least 1", file=sys.stderr)
+            return 2
+        if args.timeout <= 0:
+            print("attnlib grade-class: --timeout must be positive", file=sys.stderr)
+            return 2
+        return class_main(args.assignment, root=args.root, source=args.source, out=args.out, jobs=args.jobs,
+                          timeout=args.timeout, students=args.students, gradebook=args.gradebook,
+                          force=args.force, progress=not args.no_progress)
     parser.print_help()
     return 2
 

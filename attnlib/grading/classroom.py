@@ -1,0 +1,578 @@
+"""``attnlib grade-class``: grade a whole class's ``submitted/`` folder with the hardened grader.
+
+The course directory is an nbgrader course root (``nbgrader_config.py``; in this repository,
+the repository itself). Submissions sit where ``nbgrader collect`` / ``zip_collect`` put them::
+
+    submitted/<student>/<assignment>/<notebook>.ipynb   (+ timestamp.txt, optional)
+
+For every student, every notebook of ``<source>/<assignment>/`` (default ``solutions/``) is
+graded with :func:`attnlib.grading.runner.grade_notebook`: the learner's code runs in a
+sandboxed child process; grade cells, points and hidden tests come from the source notebook,
+never from the submission. Students are graded in parallel (``--jobs``, default: every core).
+
+Nothing is lost, nothing is modified in place:
+
+* submissions are only read (the runner grades a private copy);
+* every student gets ``<out>/<student>/<assignment>/result.json`` (scores, per-item
+  feedback, what was graded, a hash of the submission) and ``grade.log`` (the tables, the
+  notes and the child process's output), each written atomically, ``result.json`` last;
+* a run that stops half-way (a crash, Ctrl-C, a reboot) is resumed by running the same
+  command again: a student whose ``result.json`` matches the current submission and grader
+  is not graded again (``--force`` regrades everyone);
+* one student's broken notebook (not JSON, missing, renamed, crashing the interpreter)
+  costs that student's items only; the others are graded as usual.
+
+With ``--gradebook`` the scores go into nbgrader's gradebook (the ``auto_score`` of each
+grade cell, as ``nbgrader autograde`` would write them) and an autograded copy of each
+notebook goes to ``autograded/<student>/<assignment>/``, its test cells showing this
+grader's feedback, so that ``nbgrader generate_feedback`` and ``nbgrader export`` work
+unchanged. The assignment must be in the gradebook already (``nbgrader generate_assignment
+<assignment>`` without ``--no-db`` records it).
+
+At the end a table of scores and a count of failures by kind are printed, and
+``<out>/<assignment>.csv`` / ``<out>/<assignment>.json`` hold the class's results.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import datetime as _dt
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+import threading
+import time
+import traceback
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+__all__ = ["ClassGradingError", "StudentResult", "grade_class", "failure_kind", "main"]
+
+#: Where results go, relative to the course root (beside nbgrader's autograded/ and feedback/).
+DEFAULT_OUT = "graded"
+#: Format of result.json; a result of another format is regraded.
+RESULT_FORMAT = 1
+
+
+class ClassGradingError(Exception):
+    """The class cannot be graded at all (no such assignment, no submissions, no gradebook)."""
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _sha256_files(paths: list[Path], base: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        h.update(str(p.relative_to(base)).encode() + b"\0")
+        try:
+            h.update(p.read_bytes())
+        except OSError as exc:
+            h.update(f"unreadable: {exc}".encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _submission_files(folder: Path) -> list[Path]:
+    """Every regular file of a student's submission folder (not following links)."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames[:] = [d for d in dirnames if d != ".ipynb_checkpoints"]
+        for name in filenames:
+            p = Path(dirpath) / name
+            if p.is_file() and not p.is_symlink():
+                out.append(p)
+    return out
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _num(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+# --------------------------------------------------------------------------- failure kinds
+
+_KINDS: list[tuple[str, re.Pattern]] = [(k, re.compile(p, re.I)) for k, p in [
+    ("missing notebook", r"no notebook named|notebook is missing|was not submitted"),
+    ("unreadable notebook", r"not a Jupyter notebook|not valid JSON|cannot grade"),
+    ("time limit", r"timed out|did not finish within|time limit"),
+    ("memory limit", r"memory limit|MemoryError|out of memory"),
+    ("output limit", r"printed more than|output limit"),
+    ("crash", r"signal|segmentation|killed|os\._exit|exit code|ended the process|crash|sys\.exit|SystemExit"),
+    ("forbidden call", r"forbid|off limits|not allowed|built an? L x S|builds an? L x S"),
+    ("not implemented", r"not implemented yet|NotImplementedError"),
+    ("not defined", r"no object named"),
+    ("named mistake", r"looks like|this is the mistake|known mistake|mistake:"),
+    ("wrong type", r"expected a (single |Python )?(torch\.Tensor|tuple|float|int)|return a (plain )?torch\.Tensor|subclass of torch\.Tensor"),
+    ("wrong shape", r"shape"),
+    ("wrong dtype", r"dtype"),
+    ("wrong device", r"device"),
+    ("not finite", r"NaN|inf\b|not finite|non-finite"),
+    ("raised an error", r"raised \w+"),
+    ("wrong values", r"differ|wrong value|mismatch"),
+]]
+
+
+def failure_kind(feedback: str) -> str:
+    """A short category for a failed item's feedback, for the class summary."""
+    first = feedback.strip().splitlines()[0] if feedback.strip() else ""
+    for kind, pattern in _KINDS:
+        if pattern.search(first):
+            return kind
+    for kind, pattern in _KINDS:  # the first line said nothing recognisable: look further
+        if pattern.search(feedback):
+            return kind
+    return "other"
+
+
+# --------------------------------------------------------------------------- one student
+
+
+@dataclass
+class StudentResult:
+    student: str
+    assignment: str
+    score: float = 0.0
+    max_score: float = 0.0
+    notebooks: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    skipped: bool = False  # an earlier run's result was kept (resume)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {"student": self.student, "assignment": self.assignment,
+                "score": _num(self.score), "max_score": _num(self.max_score),
+                "notebooks": self.notebooks, "notes": self.notes, "seconds": round(self.seconds, 3)}
+
+
+def _source_items(src: Path) -> list[dict]:
+    """The grade cells of a source notebook, as zero-score items (for notebooks not graded)."""
+    from .runner import _read_notebook, parse_items
+
+    return [{"id": i.id, "points": 0, "max_points": _num(i.max_points), "passed": False, "feedback": ""}
+            for i in parse_items(_read_notebook(src))]
+
+
+def _match_notebooks(expected: list[str], submitted: list[str]) -> tuple[dict[str, str | None], list[str], list[str]]:
+    """Map each expected notebook name to the submitted file to grade (or None), the extra
+    files, and notes. A single missing notebook with a single unexpected ``.ipynb`` beside it
+    is taken to be the same notebook renamed."""
+    mapping: dict[str, str | None] = {e: (e if e in submitted else None) for e in expected}
+    extra = [s for s in submitted if s not in expected]
+    notes = []
+    missing = [e for e, s in mapping.items() if s is None]
+    if len(missing) == 1 and len(extra) == 1:
+        mapping[missing[0]] = extra[0]
+        notes.append(f"{missing[0]} was not submitted under that name; graded {extra[0]} in its place "
+                     "(renamed?)")
+        extra = []
+    for e in extra:
+        notes.append(f"extra notebook {e} is not part of the assignment and was not graded")
+    return mapping, extra, notes
+
+
+def _grade_student(student: str, assignment: str, root: Path, source_dir: Path, out_dir: Path,
+                   grade_kwargs: dict, grade_fn: Callable) -> StudentResult:
+    t0 = time.perf_counter()
+    folder = root / "submitted" / student / assignment
+    src_folder = source_dir / assignment
+    expected = sorted(p.name for p in src_folder.glob("*.ipynb"))
+    files = _submission_files(folder)
+    submitted = sorted(p.name for p in files if p.suffix == ".ipynb" and p.parent == folder)
+    mapping, _, notes = _match_notebooks(expected, submitted)
+    res = StudentResult(student, assignment, notes=list(notes))
+    log = io.StringIO()
+    log.write(f"student {student}, assignment {assignment}, graded {_now()}\n")
+    for note in notes:
+        log.write(f"note: {note}\n")
+    from .runner import GradingError, format_table
+
+    for name in expected:
+        src = src_folder / name
+        entry: dict[str, Any] = {"name": name, "file": mapping[name]}
+        try:
+            items = _source_items(src)
+        except Exception as exc:  # the course's own source is broken: say so on every student
+            items = []
+            entry["problem"] = f"the source notebook {src} cannot be read: {exc}"
+        entry["max_score"] = _num(sum(i["max_points"] for i in items))
+        if mapping[name] is None:
+            message = f"no notebook named {name} was submitted"
+            entry.update(status="missing", message=message, score=0,
+                         items=[dict(i, feedback=message) for i in items], notes=[])
+            log.write(f"\n== {name}: missing ({message})\n")
+        else:
+            path = folder / mapping[name]
+            try:
+                report = grade_fn(path, source=src, **grade_kwargs)
+                entry.update(status="graded", score=_num(report.score),
+                             items=report.as_dict()["items"], notes=list(report.notes))
+                entry["max_score"] = _num(report.max_score)
+                log.write(f"\n== {name} ({path.relative_to(root)})\n{format_table(report, width=10_000)}\n")
+                for note in report.notes:
+                    log.write(f"note: {note}\n")
+                child_log = getattr(report, "log", "")
+                if child_log:
+                    log.write(f"-- output of the learner's code (end) --\n{child_log}\n-- end of output --\n")
+            except GradingError as exc:
+                message = f"cannot grade {mapping[name]}: {exc}"
+                entry.update(status="error", message=message, score=0,
+                             items=[dict(i, feedback=message) for i in items], notes=[])
+                log.write(f"\n== {name}: not graded ({message})\n")
+            except Exception as exc:  # a bug of the grader: this student's notebook only
+                message = f"internal error of the grader: {type(exc).__name__}: {exc}"
+                entry.update(status="error", message=message, score=0,
+                             items=[dict(i, feedback=message) for i in items], notes=[])
+                log.write(f"\n== {name}: not graded ({message})\n{traceback.format_exc()}\n")
+        res.notebooks.append(entry)
+        res.score += float(entry["score"])
+        res.max_score += float(entry["max_score"])
+    res.seconds = time.perf_counter() - t0
+    log.write(f"\ntotal: {_num(res.score)}/{_num(res.max_score)} in {res.seconds:.1f} s\n")
+    result = res.as_dict()
+    result.update(format=RESULT_FORMAT, graded_at=_now(),
+                  submission_sha256=_sha256_files(files, folder),
+                  grader=_grader_fingerprint(src_folder))
+    dest = out_dir / student / assignment
+    _atomic_write(dest / "grade.log", log.getvalue())
+    _atomic_write(dest / "result.json", json.dumps(result, indent=2))  # last: marks it done
+    return res
+
+
+def _grader_fingerprint(src_folder: Path) -> dict:
+    import attnlib
+
+    return {"attnlib": attnlib.__version__,
+            "source_sha256": _sha256_files(sorted(src_folder.glob("*.ipynb")), src_folder)}
+
+
+def _finished(student: str, assignment: str, root: Path, source_dir: Path, out_dir: Path) -> StudentResult | None:
+    """The stored result when it is complete and still matches the submission and grader."""
+    path = out_dir / student / assignment / "result.json"
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    folder = root / "submitted" / student / assignment
+    if (not isinstance(stored, dict) or stored.get("format") != RESULT_FORMAT
+            or stored.get("submission_sha256") != _sha256_files(_submission_files(folder), folder)
+            or stored.get("grader") != _grader_fingerprint(source_dir / assignment)):
+        return None
+    return StudentResult(student, assignment, float(stored["score"]), float(stored["max_score"]),
+                         stored.get("notebooks", []), stored.get("notes", []), skipped=True,
+                         seconds=float(stored.get("seconds", 0.0)))
+
+
+# --------------------------------------------------------------------------- nbgrader's gradebook
+
+
+def _db_url(root: Path) -> str:
+    return f"sqlite:///{root / 'gradebook.db'}"
+
+
+def _check_gradebook(root: Path, assignment: str, expected: list[str]) -> None:
+    from nbgrader.api import Gradebook, MissingEntry
+
+    if not (root / "gradebook.db").exists():
+        raise ClassGradingError(f"no gradebook at {root / 'gradebook.db'}: run `nbgrader generate_assignment "
+                                f"{assignment}` (without --no-db) in {root} first")
+    with Gradebook(_db_url(root)) as gb:
+        try:
+            a = gb.find_assignment(assignment)
+        except MissingEntry:
+            raise ClassGradingError(f"the gradebook has no assignment {assignment!r}: run `nbgrader "
+                                    f"generate_assignment {assignment}` (without --no-db) first") from None
+        known = sorted(f"{nb.name}.ipynb" for nb in a.notebooks)
+        if known != expected:
+            raise ClassGradingError(f"the gradebook's notebooks of {assignment} are {known}, the source "
+                                    f"folder has {expected}: run `nbgrader generate_assignment {assignment} "
+                                    "--force` again")
+
+
+def _timestamp(folder: Path):
+    from nbgrader.utils import parse_utc
+
+    try:
+        return parse_utc((folder / "timestamp.txt").read_text().strip())
+    except Exception:
+        return None
+
+
+def _write_gradebook(root: Path, result: StudentResult) -> None:
+    """Scores into nbgrader's gradebook, as ``nbgrader autograde`` writes them."""
+    from nbgrader.api import Gradebook
+
+    folder = root / "submitted" / result.student / result.assignment
+    with Gradebook(_db_url(root)) as gb:
+        gb.update_or_create_student(result.student)
+        stamp = _timestamp(folder)
+        if stamp is not None:
+            gb.update_or_create_submission(result.assignment, result.student, timestamp=stamp)
+        else:
+            gb.update_or_create_submission(result.assignment, result.student)
+        for entry in result.notebooks:
+            nb_id = entry["name"][: -len(".ipynb")]
+            points = {i["id"]: i["points"] for i in entry.get("items", [])}
+            sub_nb = gb.find_submission_notebook(nb_id, result.assignment, result.student)
+            for grade in sub_nb.grades:
+                grade.auto_score = float(points.get(grade.name, 0))
+                grade.needs_manual_grade = grade.manual_score is not None
+        gb.db.commit()
+
+
+_HIDDEN = re.compile(r"^[ \t]*#+[ \t]*BEGIN HIDDEN TESTS.*?^[ \t]*#+[ \t]*END HIDDEN TESTS[^\n]*\n?", re.M | re.S)
+
+
+def _write_autograded(root: Path, result: StudentResult, source_dir: Path) -> None:
+    """``autograded/<student>/<assignment>/<nb>.ipynb`` for ``nbgrader generate_feedback``: the
+    submission's cells (never executed here) with the source's test cells in place of the
+    submission's, each showing this grader's verdict as its output."""
+    import nbformat
+
+    for entry in result.notebooks:
+        src = nbformat.read(str(source_dir / result.assignment / entry["name"]), as_version=4)
+        sub = None
+        if entry.get("file") and entry.get("status") == "graded":
+            try:
+                sub = nbformat.read(str(root / "submitted" / result.student / result.assignment / entry["file"]),
+                                    as_version=4)
+            except Exception:
+                sub = None
+        feedback = {i["id"]: i for i in entry.get("items", [])}
+        grade_cells = {}
+        for cell in src.cells:
+            nbg = cell.get("metadata", {}).get("nbgrader", {})
+            if nbg.get("grade") and not nbg.get("solution"):
+                test = nbformat.from_dict(cell)
+                test.source = _HIDDEN.sub("", test.source).rstrip()
+                item = feedback.get(nbg.get("grade_id"), {})
+                verdict = (f"{_num(item.get('points', 0))}/{_num(item.get('max_points', nbg.get('points', 0)))} "
+                           f"points. {item.get('feedback', '')}").strip()
+                test.outputs = [nbformat.v4.new_output("stream", name="stdout", text=verdict + "\n")]
+                test.execution_count = None
+                grade_cells[nbg.get("grade_id")] = test
+        cells = []
+        if sub is not None:
+            used = set()
+            for cell in sub.cells:
+                gid = cell.get("metadata", {}).get("nbgrader", {}).get("grade_id")
+                if gid in grade_cells:
+                    if gid not in used:
+                        cells.append(grade_cells[gid])
+                        used.add(gid)
+                    continue
+                cell = nbformat.from_dict(cell)
+                if cell.cell_type == "code":
+                    cell.outputs, cell.execution_count = [], None
+                cells.append(cell)
+            cells += [c for gid, c in grade_cells.items() if gid not in used]
+        else:
+            message = entry.get("message", "not graded")
+            cells.append(nbformat.v4.new_markdown_cell(f"**{message}**"))
+            cells += list(grade_cells.values())
+        out = nbformat.v4.new_notebook(cells=cells, metadata=src.metadata)
+        for n, cell in enumerate(out.cells):  # ids unique and valid whatever the submission held
+            cell["id"] = f"cell-{n}"
+        dest = root / "autograded" / result.student / result.assignment / entry["name"]
+        _atomic_write(dest, nbformat.writes(out))
+
+
+# --------------------------------------------------------------------------- the class
+
+
+class _Progress:
+    """A progress bar on stderr when it is a terminal, a line per student otherwise."""
+
+    def __init__(self, total: int, enabled: bool = True, stream=None):
+        self.total, self.done, self.enabled = total, 0, enabled
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.t0 = time.perf_counter()
+
+    def update(self, result: StudentResult) -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.t0
+        left = elapsed / self.done * (self.total - self.done)
+        what = "kept" if result.skipped else f"{_num(result.score)}/{_num(result.max_score)}"
+        if self.tty:
+            width = 30
+            filled = int(width * self.done / max(1, self.total))
+            self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+                              f"{elapsed:5.0f} s elapsed, ~{left:.0f} s left  {result.student[:20]:<20} {what:>9}")
+            if self.done == self.total:
+                self.stream.write("\n")
+        else:
+            self.stream.write(f"[{self.done}/{self.total}] {result.student}: {what} "
+                              f"({result.seconds:.1f} s; {elapsed:.0f} s elapsed)\n")
+        self.stream.flush()
+
+
+def _students(root: Path, assignment: str) -> list[str]:
+    base = root / "submitted"
+    if not base.is_dir():
+        return []
+    return sorted(p.name for p in base.iterdir() if (p / assignment).is_dir() and not p.name.startswith("."))
+
+
+def grade_class(assignment: str, root: str | os.PathLike = ".", source: str = "solutions",
+                out: str = DEFAULT_OUT, jobs: int | None = None, timeout: float = 120.0,
+                gradebook: bool = False, force: bool = False, students: list[str] | None = None,
+                progress: bool = True, grade_fn: Callable | None = None,
+                grade_kwargs: dict | None = None) -> list[StudentResult]:
+    """Grade every student's submission of ``assignment``; see the module docstring.
+
+    ``grade_fn`` (default :func:`attnlib.grading.runner.grade_notebook`) is called as
+    ``grade_fn(path, source=..., timeout=..., **grade_kwargs)``. Raises
+    :class:`ClassGradingError` when nothing can be graded.
+    """
+    from .runner import grade_notebook
+
+    root = Path(root).resolve()
+    source_dir = (root / source).resolve()
+    out_dir = (root / out).resolve()
+    src_folder = source_dir / assignment
+    expected = sorted(p.name for p in src_folder.glob("*.ipynb")) if src_folder.is_dir() else []
+    if not expected:
+        raise ClassGradingError(f"no source notebooks in {src_folder} (is {assignment!r} an assignment of "
+                                f"this course? the course root is {root})")
+    all_students = _students(root, assignment)
+    if students:
+        unknown = sorted(set(students) - set(all_students))
+        if unknown:
+            raise ClassGradingError(f"no submission of {assignment} for {', '.join(unknown)} in {root / 'submitted'}")
+        all_students = [s for s in all_students if s in set(students)]
+    if not all_students:
+        raise ClassGradingError(f"no submissions: expected {root / 'submitted'}/<student>/{assignment}/ "
+                                "(nbgrader collect or zip_collect puts them there)")
+    if gradebook:
+        _check_gradebook(root, assignment, expected)
+    kwargs = dict(grade_kwargs or {})
+    kwargs["timeout"] = timeout
+    hide = [root / "submitted", root / "autograded", root / "feedback", out_dir, root / "gradebook.db",
+            source_dir, root / "exchange"]
+    if grade_fn is None:
+        grade_fn = grade_notebook
+        import inspect
+
+        if "hide" in inspect.signature(grade_notebook).parameters:
+            kwargs.setdefault("hide", [p for p in hide if p.exists()])
+
+    results: dict[str, StudentResult] = {}
+    todo = []
+    for s in all_students:
+        kept = None if force else _finished(s, assignment, root, source_dir, out_dir)
+        if kept is not None:
+            results[s] = kept
+        else:
+            todo.append(s)
+    bar = _Progress(len(all_students), enabled=progress)
+    for s in all_students:
+        if s in results:
+            bar.update(results[s])
+            if gradebook:
+                _write_gradebook(root, results[s])
+    jobs = max(1, jobs or os.cpu_count() or 1)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {pool.submit(_grade_student, s, assignment, root, source_dir, out_dir, kwargs, grade_fn): s
+                   for s in todo}
+        for fut in concurrent.futures.as_completed(futures):
+            s = futures[fut]
+            try:
+                r = fut.result()
+            except Exception as exc:  # writing the result failed (disk full?): say so, go on
+                r = StudentResult(s, assignment, notes=[f"grading failed: {type(exc).__name__}: {exc}"])
+            results[s] = r
+            if gradebook:  # one thread writes the gradebook (SQLite)
+                _write_gradebook(root, r)
+                _write_autograded(root, r, source_dir)
+            bar.update(r)
+    ordered = [results[s] for s in all_students]
+    _write_summary(out_dir, assignment, ordered)
+    return ordered
+
+
+def _write_summary(out_dir: Path, assignment: str, results: list[StudentResult]) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["student", "score", "max_score", "problems"])
+    for r in results:
+        w.writerow([r.student, _num(r.score), _num(r.max_score), "; ".join(_problems(r))])
+    _atomic_write(out_dir / f"{assignment}.csv", buf.getvalue())
+    _atomic_write(out_dir / f"{assignment}.json", json.dumps(
+        {"assignment": assignment, "students": [r.as_dict() for r in results],
+         "failures_by_kind": dict(failures_by_kind(results))}, indent=2))
+
+
+def _problems(r: StudentResult) -> list[str]:
+    out = list(r.notes)
+    for nb in r.notebooks:
+        if nb.get("status") != "graded":
+            out.append(nb.get("message", nb.get("status", "")))
+    return out
+
+
+def failures_by_kind(results: list[StudentResult]) -> Counter:
+    c: Counter = Counter()
+    for r in results:
+        for nb in r.notebooks:
+            for item in nb.get("items", []):
+                if not item.get("passed"):
+                    c[failure_kind(item.get("feedback", ""))] += 1
+    return c
+
+
+def format_summary(results: list[StudentResult]) -> str:
+    sw = max([len("student")] + [len(r.student) for r in results])
+    lines = [f"{'student':<{sw}}  {'score':>9}  problems", "-" * (sw + 30)]
+    for r in results:
+        score = f"{_num(r.score)}/{_num(r.max_score)}"
+        problems = "; ".join(_problems(r))
+        lines.append(f"{r.student:<{sw}}  {score:>9}  {problems}".rstrip())
+    n = len(results)
+    kept = sum(r.skipped for r in results)
+    scores = sorted(r.score for r in results)
+    if n:
+        lines.append(f"{n} students ({n - kept} graded now, {kept} kept from an earlier run); "
+                     f"mean {sum(scores) / n:.2f}, median {scores[n // 2] if n % 2 else (scores[n // 2 - 1] + scores[n // 2]) / 2:g}"
+                     f" of {_num(max(r.max_score for r in results))}")
+    kinds = failures_by_kind(results)
+    if kinds:
+        lines.append("failed items by kind: " + ", ".join(f"{k} {v}" for k, v in kinds.most_common()))
+    return "\n".join(lines)
+
+
+def main(assignment: str, root: str = ".", **options: Any) -> int:
+    """The ``attnlib grade-class`` command: 0 when the class was graded (whatever the scores),
+    2 when it could not be."""
+    try:
+        results = grade_class(assignment, root=root, **options)
+    except ClassGradingError as exc:
+        print(f"attnlib grade-class: cannot grade: {exc}", file=sys.stderr)
+        return 2
+    print(format_summary(results))
+    out = Path(root).resolve() / options.get("out", DEFAULT_OUT)
+    print(f"results: {out}/<student>/{assignment}/result.json and grade.log; class table: {out}/{assignment}.csv")
+    if options.get("gradebook"):
+        print("gradebook updated: `nbgrader generate_feedback` and `nbgrader export` work as usual")
+    return 0
