@@ -3,6 +3,10 @@
 Serves ``_build/html`` on 127.0.0.1 and visits every page of the table of contents:
 no console errors, no failed or off-origin requests, MathJax rendered (no raw ``$$``),
 every image loaded, search finds "rotary", and the navigation reaches every chapter.
+The exercises: every released notebook is a page showing its stubs, unexecuted, and every
+chapter links to its notebook's page, a download of the ``.ipynb`` that the site serves, and
+Colab and Binder, with URLs built from ``_config.yml``'s repository (links only: the
+off-origin request rule still holds, since no test follows them).
 A full-page screenshot of every page goes to ``_build/screenshots/`` (CI keeps it).
 
 Run after ``make book`` (``make test`` does both).
@@ -12,11 +16,13 @@ from __future__ import annotations
 
 import functools
 import http.server
+import json
 import os
 import shutil
 import threading
+import urllib.request
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import quote, urljoin, urlparse
 
 import pytest
 import yaml
@@ -38,6 +44,35 @@ def toc_pages() -> list[str]:
 
 
 PAGES = toc_pages()
+CHAPTERS = sorted(p.stem for p in (ROOT / "book").glob("[0-9][0-9]_*.md"))
+NOTEBOOKS = sorted(p.parent.name for p in (ROOT / "notebooks").glob("*/*.ipynb") if p.stem == p.parent.name)
+
+
+def expected_launch_urls(name: str) -> tuple[str, str]:
+    """Colab and Binder URLs of a released notebook, from _config.yml's repository (written out
+    here independently of book/_ext/exercise_links.py)."""
+    config = yaml.safe_load((ROOT / "_config.yml").read_text())
+    owner, repo = urlparse(config["repository"]["url"]).path.strip("/").split("/")
+    branch = config["repository"]["branch"]
+    path = f"notebooks/{name}/{name}.ipynb"
+    return (f"https://colab.research.google.com/github/{owner}/{repo}/blob/{branch}/{path}",
+            f"https://mybinder.org/v2/gh/{owner}/{repo}/{branch}?labpath={quote(path, safe='')}")
+
+
+def fetch(url: str) -> tuple[int, bytes]:
+    """GET from the local test server (never another origin)."""
+    assert url.startswith("http://127.0.0.1:"), url
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return response.status, response.read()
+
+
+def assert_graded_notebook(body: bytes, what: str) -> None:
+    nb = json.loads(body)
+    assert nb.get("nbformat") == 4 and isinstance(nb.get("cells"), list), f"{what}: not a notebook"
+    grade = [c for c in nb["cells"] if (c.get("metadata", {}).get("nbgrader") or {}).get("grade")]
+    assert grade, f"{what}: no nbgrader grade cells"
+    assert any("raise NotImplementedError" in "".join(c["source"]) for c in nb["cells"]), \
+        f"{what}: no stub (raise NotImplementedError): not the released notebook"
 
 
 @pytest.fixture(scope="session")
@@ -183,3 +218,104 @@ def test_no_page_refers_to_another_origin():
                 offenders.append(f"{html.relative_to(SITE)}: {needle}")
     assert not offenders, offenders
     assert os.path.exists(SITE / "_static" / "mathjax" / "tex-chtml.js")
+
+
+def test_every_notebook_and_chapter_is_in_the_toc():
+    assert len(NOTEBOOKS) == len(CHAPTERS) == 11, (NOTEBOOKS, CHAPTERS)
+    assert NOTEBOOKS == CHAPTERS
+    missing = [n for n in NOTEBOOKS if f"notebooks/{n}/{n}.html" not in PAGES]
+    assert not missing, f"released notebooks that are not pages of the book: {missing}"
+    assert "book/exercises.html" in PAGES
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_exercise_page_shows_the_unexecuted_notebook(browser, server, name):
+    """The notebook's page: its title, guide text, stubs and test cells, no output, and the
+    theme's download and launch menus."""
+    nb = json.loads((ROOT / "notebooks" / name / f"{name}.ipynb").read_text())
+    code_cells = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    watch = PageWatch(browser, server)
+    try:
+        page = watch.open(f"notebooks/{name}/{name}.html")
+        titles = page.locator("main h1:has(a.headerlink)")  # not the theme's print-only header
+        assert titles.count() == 1, "a notebook page has one title"
+        assert titles.inner_text().strip("# \n")
+        code = page.evaluate("Array.from(document.querySelectorAll('main div.cell div.cell_input pre'))"
+                             ".map(p => p.innerText)")
+        assert len(code) == len(code_cells), f"{len(code)} code cells shown, {len(code_cells)} in the notebook"
+        assert any("raise NotImplementedError" in c for c in code), "no stub shown"
+        assert any("check(" in c for c in code), "no test cell shown"
+        assert page.evaluate("document.querySelectorAll('main .cell_output').length") == 0, \
+            "the released notebook was executed"
+        text = page.inner_text("main")
+        assert "raise NotImplementedError" in text and len(text) > 1000, "little guide text"
+        colab, binder = expected_launch_urls(name)
+        launch = page.evaluate("Array.from(document.querySelectorAll('.dropdown-launch-buttons a[href]'))"
+                               ".map(a => a.getAttribute('href'))")
+        assert colab in launch, f"no Colab launch button {colab}: {launch}"
+        binder_lab = binder.split("?")[0] + f"?urlpath=lab/tree/notebooks/{name}/{name}.ipynb"
+        assert binder_lab in launch, f"no Binder launch button {binder_lab}: {launch}"
+        source = page.evaluate(f"Array.from(document.querySelectorAll('a[href$=\"_sources/notebooks/{name}/{name}.ipynb\"]'))"
+                               ".map(a => a.href)")
+        assert source, "no download button for the .ipynb"
+        status, body = fetch(source[0])
+        assert status == 200
+        assert_graded_notebook(body, source[0])
+        assert not watch.problems, "\n".join(watch.problems)
+    finally:
+        watch.close()
+
+
+@pytest.mark.parametrize("name", CHAPTERS)
+def test_chapter_links_to_its_exercise(browser, server, name):
+    """A chapter's Exercise section: the notebook's page, a served download, Colab and Binder."""
+    watch = PageWatch(browser, server)
+    try:
+        page = watch.open(f"book/{name}.html")
+        box = page.locator("section#exercise div.exercise-notebook")
+        assert box.count() == 1, "no exercise box in the chapter's Exercise section"
+        links = box.evaluate("b => Array.from(b.querySelectorAll('a[href]')).map(a => "
+                             "({href: a.href, raw: a.getAttribute('href'), cls: a.className, text: a.innerText}))")
+        page_link = f"{server}/notebooks/{name}/{name}.html"
+        assert any(link["href"] == page_link for link in links), f"no link to {page_link}: {links}"
+
+        downloads = [link for link in links if "download" in link["cls"].split()]
+        assert len(downloads) == 1 and downloads[0]["href"].endswith(f"/{name}.ipynb"), downloads
+        status, body = fetch(downloads[0]["href"])
+        assert status == 200
+        assert_graded_notebook(body, downloads[0]["href"])
+
+        colab, binder = expected_launch_urls(name)
+        raw = [link["raw"] for link in links]
+        assert colab in raw, f"no Colab link {colab}: {raw}"
+        assert binder in raw, f"no Binder link {binder}: {raw}"
+        assert {"Open in Colab", "Launch on Binder"} <= {link["text"].strip() for link in links}
+        # the theme's launch menu is for the notebooks' pages only (here it would open the .md)
+        assert page.locator(".dropdown-launch-buttons").count() == 0
+
+        box.scroll_into_view_if_needed()
+        page.screenshot(path=str(SHOTS / f"exercise-section-{name}.png"))
+        assert not watch.problems, "\n".join(watch.problems)
+    finally:
+        watch.close()
+
+
+def test_exercises_page_lists_every_notebook(browser, server):
+    watch = PageWatch(browser, server)
+    try:
+        page = watch.open("book/exercises.html")
+        links = page.evaluate("Array.from(document.querySelectorAll('main .exercise-summary a[href]'))"
+                              ".map(a => ({href: a.href, cls: a.className}))")
+        for name in NOTEBOOKS:
+            assert f"{server}/notebooks/{name}/{name}.html" in [a["href"] for a in links], name
+            served = [a["href"] for a in links if "download" in a["cls"].split() and a["href"].endswith(f"/{name}.ipynb")]
+            assert served, f"no download of {name}.ipynb"
+            status, body = fetch(served[0])
+            assert status == 200
+            assert_graded_notebook(body, served[0])
+        repo = yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]["url"]
+        assert page.evaluate("u => document.querySelectorAll(`main a[href='${u}']`).length", repo) >= 1, \
+            "the page does not link the repository of _config.yml"
+        assert not watch.problems, "\n".join(watch.problems)
+    finally:
+        watch.close()
