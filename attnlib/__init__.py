@@ -6,9 +6,9 @@ Boolean masks hold ``True`` where attention is allowed.
 """
 
 from . import cost, measure, plotting
-from .attention import attention_weights, scaled_dot_product_attention, softmax
+from .attention import attention_entropy, attention_weights, scaled_dot_product_attention, softmax
 from .cost import attention_flops, attention_score_bytes
-from .flash import flash_attention
+from .flash import flash_attention, flash_attention_backward
 from .gqa import repeat_kv
 from .kv_cache import KVCache, kv_cache_bytes
 from .linear import elu_feature_map, linear_attention
@@ -36,6 +36,7 @@ __all__ = [
     "alibi_slopes",
     "apply_rope",
     "apply_rope_interleaved",
+    "attention_entropy",
     "attention_flops",
     "attention_score_bytes",
     "attention_weights",
@@ -43,6 +44,7 @@ __all__ = [
     "causal_mask",
     "elu_feature_map",
     "flash_attention",
+    "flash_attention_backward",
     "hidden_state_gradient_norms",
     "kv_cache_bytes",
     "linear_attention",

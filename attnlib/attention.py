@@ -1,8 +1,10 @@
 """Scaled dot-product attention, written out by hand.
 
-Taught in chapter 2 (queries, keys and values), chapter 3 (the 1/sqrt(d_k) scale) and
-chapter 5 (masks). Every function here is checked against
-``torch.nn.functional.scaled_dot_product_attention`` in ``tests/test_attention.py``.
+Taught in chapter 2 (queries, keys and values), chapter 3 (the 1/sqrt(d_k) scale, and the
+entropy of the weights that shows what it prevents) and chapter 5 (masks). Every function
+here is checked against PyTorch in ``tests/test_attention.py``: the attention functions
+against ``torch.nn.functional.scaled_dot_product_attention``, the entropy against
+``torch.special.entr``.
 
 Conventions (the same as PyTorch's fused function):
 
@@ -198,3 +200,30 @@ def scaled_dot_product_attention(
     if enable_gqa:
         v = repeat_kv(v, query.size(-3) // v.size(-3))  # (..., H_q, S, Ev)
     return (weights @ v).to(query.dtype)  # (..., L, Ev)
+
+
+def attention_entropy(weights: Tensor, dim: int = -1) -> Tensor:
+    """Entropy ``H(p) = -sum_j p_j ln p_j`` of attention weights, in nats (chapter 3).
+
+    It measures how spread a row of weights is: ``ln S`` for uniform weights over ``S``
+    keys, 0 for a one-hot row. Without the ``1/sqrt(d_k)`` scale the rows of
+    :func:`attention_weights` saturate and their entropy falls towards 0 as ``d_k`` grows.
+    A weight of exactly 0 (a masked key, or an underflow) contributes ``0 ln 0 = 0``, the
+    limit of ``p ln p``, never NaN; so a fully masked row (all zeros) has entropy 0.
+    fp16/bf16 inputs are computed in fp32 and cast back.
+
+    Args:
+        weights: non-negative weights of any shape, e.g. ``(B, H, L, S)`` from
+            :func:`attention_weights`; each row along ``dim`` sums to 1 (or is all zeros).
+        dim: the axis of the keys, summed over.
+
+    Returns:
+        ``weights``' shape without ``dim`` (e.g. ``(B, H, L)``), in ``weights``' dtype.
+    """
+    check_tensor(weights, "weights", min_ndim=1)
+    check_floating(weights, "weights")
+    p = weights.to(compute_dtype(weights.dtype))
+    positive = p > 0
+    safe = torch.where(positive, p, torch.ones_like(p))  # log(1) = 0 where p = 0: no -inf, no NaN
+    terms = torch.where(positive, -p * torch.log(safe), torch.zeros_like(p))  # 0 ln 0 = 0
+    return terms.sum(dim=dim).to(weights.dtype)

@@ -17,7 +17,8 @@ nothing of size ``L x S`` is ever made.
 
 The backward pass (:class:`_FlashAttentionFunction`) saves only ``q, k, v``, the output
 and the log-sum-exp, and recomputes each tile of probabilities from them
-(``P = exp(S - lse)``), so training is linear in memory too.
+(``P = exp(S - lse)``), so training is linear in memory too. :func:`flash_attention_backward`
+is the same backward pass as a function of those saved tensors.
 
 Everything runs on whole batches at once: the leading dims ``(...)`` (e.g. ``(B, H)``)
 are flattened into one batch axis ``N`` and every tile is a batched matmul.
@@ -31,7 +32,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ._validate import check_positive_int, compute_dtype
+from ._validate import check_positive_int, check_tensor, compute_dtype
 from .attention import _check_qkv
 
 # Measured on the 2-core CPU, fp32 (1, H, 4096, 64), best of 4-6: H=8 naive 1.04 s, flash 512x256 0.41 s (512x512 0.44, 256x256 0.42-0.49, 128x128 0.48-0.55, key-block-outer loop no better); H=1 naive 0.12-0.18 s, 512x256 0.06 s, 128x128 0.15 s (per-tile Python overhead): 512x256 is fastest or tied with a small tile.
@@ -251,3 +252,65 @@ def flash_attention(
     else:
         out, lse, _, _ = _flash_forward(query, key, value, is_causal, scale, block_q, block_k)
     return (out, lse) if return_lse else out
+
+
+def flash_attention_backward(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    grad_out: Tensor,
+    is_causal: bool = False,
+    scale: float | None = None,
+    block_q: int = DEFAULT_BLOCK_Q,
+    block_k: int = DEFAULT_BLOCK_K,
+    grad_lse: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward pass of :func:`flash_attention`, tile by tile, by recomputation (chapter 9).
+
+    Given what the forward pass keeps (``query``, ``key``, ``value``, the output ``out`` and
+    the log-sum-exp ``lse``) and the gradient ``grad_out`` arriving at the output, returns
+    the gradients with respect to query, key and value. Each tile of weights is rebuilt from
+    its scores, ``P = exp(scores - lse)``, and used at once: with ``D = rowsum(grad_out * out)``
+    (minus ``grad_lse``), ``dV += P^T dO``, ``dS = P * (dO V^T - D)``, ``dQ += scale * dS K``
+    and ``dK += scale * dS^T Q``. As in the forward pass, nothing of size ``L x S`` is
+    built: the largest intermediate is one ``(..., block_q, block_k)`` tile.
+
+    Args:
+        query, key, value: as in :func:`flash_attention`: ``(..., L, E)``, ``(..., S, E)``,
+            ``(..., S, Ev)``.
+        out: ``(..., L, Ev)``, the forward output.
+        lse: ``(..., L)``, the forward log-sum-exp (``return_lse=True``).
+        grad_out: ``(..., L, Ev)``, the gradient of the loss with respect to ``out``.
+        is_causal, scale, block_q, block_k: those of the forward pass.
+        grad_lse: optional ``(..., L)``, the gradient with respect to ``lse`` when the loss
+            uses it too; ``None`` means zero.
+
+    Returns:
+        ``(grad_query, grad_key, grad_value)``, shaped and typed like ``query``, ``key`` and
+        ``value``; fp16/bf16 are computed in fp32. The same as autograd through
+        :func:`flash_attention` (or through naive attention), up to rounding.
+    """
+    scale = _check_inputs(query, key, value, is_causal, scale, block_q, block_k, False)
+    *lead, L, _ = query.shape
+    Ev = value.size(-1)
+    expected = {"out": (*lead, L, Ev), "lse": (*lead, L), "grad_out": (*lead, L, Ev),
+                "grad_lse": (*lead, L)}
+    given = {"out": out, "lse": lse, "grad_out": grad_out, "grad_lse": grad_lse}
+    for name, t in given.items():
+        if t is None and name == "grad_lse":
+            continue
+        check_tensor(t, name, min_ndim=0)
+        if tuple(t.shape) != expected[name]:
+            raise ValueError(f"{name} must have shape {expected[name]} for query {tuple(query.shape)} "
+                             f"and value {tuple(value.shape)}, got {tuple(t.shape)}")
+    q, k, v = _flatten(query, key, value)  # (N, L, E), (N, S, E), (N, S, Ev)
+    N = q.size(0)
+    o = out.reshape(N, L, Ev).to(q.dtype)  # (N, L, Ev)
+    lse_flat = lse.reshape(N, L).to(q.dtype)  # (N, L)
+    d_out = grad_out.reshape(N, L, Ev).to(q.dtype)  # (N, L, Ev)
+    d_lse = q.new_zeros(N, L) if grad_lse is None else grad_lse.reshape(N, L).to(q.dtype)  # (N, L)
+    dq, dk, dv = _backward(q, k, v, o, lse_flat, d_out, d_lse, is_causal, scale, block_q, block_k)
+    return (dq.reshape(query.shape).to(query.dtype), dk.reshape(key.shape).to(key.dtype),
+            dv.reshape(value.shape).to(value.dtype))

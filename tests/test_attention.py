@@ -293,3 +293,52 @@ def test_padding_mask_values_and_errors():
         attnlib.padding_mask(torch.tensor([1.0]), 4)
     with pytest.raises(TypeError, match="torch.Tensor"):
         attnlib.padding_mask([1, 2], 4)
+
+
+# --------------------------------------------------------------------------- attention_entropy
+
+
+def test_attention_entropy_matches_torch_entr_and_categorical():
+    q, k, _ = qkv((2, 3), 5, 7, 8, 8)
+    mask = masks_for((2, 3), 5, 7)["bool full"]
+    mask[..., 0] = True  # every row keeps a key; masked keys give exact zeros
+    for scale in (None, 1.0, 8.0):  # 8.0: saturated rows with weights that underflow to 0
+        p = attnlib.attention_weights(q, k, attn_mask=mask, scale=scale)  # (2, 3, 5, 7)
+        ours = attnlib.attention_entropy(p)  # (2, 3, 5)
+        assert ours.shape == (2, 3, 5) and ours.dtype == torch.float64
+        assert torch.allclose(ours, torch.special.entr(p).sum(-1), atol=1e-13, rtol=0)
+        assert torch.allclose(ours, torch.distributions.Categorical(probs=p).entropy(), atol=1e-12, rtol=0)
+        assert bool((p == 0).any())
+    other_axis = attnlib.attention_weights(q, k).transpose(-2, -1)  # keys on axis -2
+    assert torch.allclose(attnlib.attention_entropy(other_axis, dim=-2),
+                          torch.special.entr(other_axis).sum(-2), atol=1e-13, rtol=0)
+
+
+def test_attention_entropy_limits_zeros_and_low_precision():
+    S = 16
+    uniform = torch.full((3, S), 1.0 / S, dtype=torch.float64)
+    assert torch.allclose(attnlib.attention_entropy(uniform), torch.full((3,), math.log(S), dtype=torch.float64))
+    one_hot = torch.eye(S, dtype=torch.float64)
+    masked_row = torch.zeros(1, S, dtype=torch.float64)  # a fully masked row: all-zero weights
+    out = attnlib.attention_entropy(torch.cat([one_hot, masked_row]))
+    assert torch.equal(out, torch.zeros(S + 1, dtype=torch.float64))  # 0, never NaN, never -0
+    assert not bool(torch.signbit(out).any())
+    # the gradient at a zero weight is finite as well (no 0 * inf)
+    p = torch.tensor([[0.0, 0.25, 0.75]], dtype=torch.float64, requires_grad=True)
+    attnlib.attention_entropy(p).sum().backward()
+    assert bool(torch.isfinite(p.grad).all())
+    for dtype in (torch.float16, torch.bfloat16):
+        w = attnlib.attention_weights(randn(2, 9, 16, seed=3), randn(2, 11, 16, seed=4), scale=0.7)
+        exact = torch.special.entr(w).sum(-1)
+        ours = attnlib.attention_entropy(w.to(dtype))
+        torch_low = torch.special.entr(w.to(dtype).float()).sum(-1).to(dtype)
+        assert_low_precision_ok(ours, torch_low, torch.special.entr(w.to(dtype).double()).sum(-1))
+        assert (ours.double() - exact).abs().max() < 0.05
+
+
+def test_attention_entropy_falls_without_the_scale():
+    # the chapter's claim in one line: unscaled scores of wide heads give near one-hot rows
+    q, k = randn(256, 512, seed=5), randn(64, 512, seed=6)
+    scaled = attnlib.attention_entropy(attnlib.attention_weights(q, k)).mean()
+    unscaled = attnlib.attention_entropy(attnlib.attention_weights(q, k, scale=1.0)).mean()
+    assert scaled > 0.5 * math.log(64) and unscaled < 0.1 * math.log(64)

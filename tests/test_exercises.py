@@ -60,6 +60,14 @@ def _nbg(cell) -> dict:
     return cell.get("metadata", {}).get("nbgrader", {})
 
 
+def _method(exercise) -> str:
+    """The method a module exercise grades: the one its cases call (``ElmanRNN`` and
+    chapter 6's ``MultiHeadAttention`` name no method: they grade ``forward``)."""
+    methods = {c.method for c in exercise.make_cases(False) + exercise.make_cases(True)}
+    assert len(methods) == 1, (exercise.id, methods)
+    return methods.pop()
+
+
 # --------------------------------------------------------------------------- (a) generated
 
 
@@ -83,6 +91,7 @@ def test_every_chapter_has_a_notebook_with_its_registered_exercises():
         graded = [_nbg(c)["grade_id"] for c in nb.cells if _nbg(c).get("grade")]
         registered = [k for k, e in EXERCISES.items() if e.chapter == number]
         assert sorted(graded) == sorted(f"test_{k.replace('.', '_')}" for k in registered)
+        assert 2 <= len(graded) <= 4, (assignment, graded)  # 2-4 graded items per chapter
         total = sum(_nbg(c)["points"] for c in nb.cells if _nbg(c).get("grade"))
         assert f"| **total** | **{total}** |" in nb.cells[0].source
         assert f"worth {total} points" in nb.cells[-1].source
@@ -171,7 +180,7 @@ def test_stubs_copy_the_reference_signature_and_docstring(assignment):
             cls_node = defs[ref.__name__]
             assert isinstance(cls_node, ast.ClassDef)
             assert ast.get_docstring(cls_node) == inspect.getdoc(ref)
-            method = ex_id.split(".", 1)[1] if "." in ex_id else "forward"
+            method = _method(exercise)
             node = next(n for n in cls_node.body if isinstance(n, ast.FunctionDef) and n.name == method)
             ref_method = inspect.getattr_static(ref, method)
             ref_fn = ref_method.__func__ if isinstance(ref_method, (staticmethod, classmethod)) else ref_method
@@ -195,8 +204,7 @@ def _graded_names(assignment: str) -> list[tuple[str, str | None]]:
             if exercise.kind == "function":
                 out.append((ex_id, None))
             else:
-                obj, _, method = ex_id.partition(".")
-                out.append((obj, method or "forward"))
+                out.append((ex_id.partition(".")[0], _method(exercise)))
     return out
 
 
@@ -272,6 +280,52 @@ def test_released_notebook_gets_zero_marks_and_explores_safely(assignment):
                 f"{assignment}, test cell {cell.get('id')} did not fail: {error!r}"
         else:
             assert error is None, f"{assignment}, cell {cell.get('id')}: {type(error).__name__}: {error}"
+
+
+# --------------------------------------------------------------------------- install cell
+
+
+def test_install_cell_comes_first_and_names_the_configured_repository():
+    import yaml
+
+    url = yaml.safe_load((REPO / "_config.yml").read_text())["repository"]["url"]
+    assert url.startswith("https://github.com/")
+    for kind in ("solutions", "notebooks"):
+        for assignment in ASSIGNMENTS:
+            nb = _read(kind, assignment)
+            code = [c for c in nb.cells if c.cell_type == "code"]
+            install, imports = code[0], code[1]
+            assert install.get("id") == "install" and not _nbg(install), (kind, assignment)
+            assert 'importlib.util.find_spec("attnlib") is None' in install.source
+            assert f'"git+{url}' in install.source, (kind, assignment)
+            assert "import attnlib" in imports.source
+            assert "install cell" in nb.cells[0].source and "Colab" in nb.cells[0].source
+
+
+def test_install_target_is_read_from_the_config(tmp_path):
+    (tmp_path / "_config.yml").write_text("repository:\n  url: https://github.com/someone/fork/\n  branch: dev\n")
+    assert builder.repository_install_target(tmp_path) == "git+https://github.com/someone/fork@dev"
+    (tmp_path / "_config.yml").write_text("repository:\n  url: https://github.com/someone/fork\n")
+    assert builder.repository_install_target(tmp_path) == "git+https://github.com/someone/fork"
+    (tmp_path / "_config.yml").write_text("title: no repository\n")
+    with pytest.raises(ValueError, match="repository.url"):
+        builder.repository_install_target(tmp_path)
+
+
+def test_install_cell_does_nothing_where_attnlib_is_installed(monkeypatch):
+    def no_pip(*args, **kwargs):
+        raise AssertionError(f"the install cell ran {args}")
+
+    monkeypatch.setattr(subprocess, "run", no_pip)
+    source = next(c for c in _read("notebooks", ASSIGNMENTS[0]).cells if c.get("id") == "install").source
+    exec(compile(source, "<install>", "exec"), {"__name__": "__main__"})  # attnlib is importable here
+
+    # where attnlib is missing, it asks pip for the repository, with this interpreter
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, check: calls.append((cmd, check)))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "attnlib" else object())
+    exec(compile(source, "<install>", "exec"), {"__name__": "__main__"})
+    assert calls == [([sys.executable, "-m", "pip", "install", "--quiet", builder.repository_install_target()], True)]
 
 
 # --------------------------------------------------------------------------- guidance text

@@ -405,3 +405,62 @@ def test_bad_input_is_explained(call, exc, words):
 
 def test_exported_from_the_package():
     assert attnlib.flash_attention is flash_attention
+
+
+# ---------------------------------------------------------------- flash_attention_backward
+
+
+@pytest.mark.parametrize("case", GRAD_CASES, ids=case_id)
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("with_grad_lse", [False, True])
+def test_backward_function_matches_autograd_through_torch(case, is_causal, with_grad_lse):
+    batch, L, S, E, Ev, bq, bk = case
+    q, k, v = qkv(batch, L, S, E, Ev, seed=21, requires_grad=True)
+    d_out = randn(*batch, L, Ev, seed=22)
+    d_lse = randn(*batch, L, seed=23) if with_grad_lse else None
+    with torch.no_grad():
+        out, lse = flash_attention(q, k, v, is_causal=is_causal, block_q=bq, block_k=bk, return_lse=True)
+    ours = attnlib.flash_attention_backward(q.detach(), k.detach(), v.detach(), out, lse, d_out, is_causal,
+                                            None, bq, bk, grad_lse=d_lse)
+    scores = naive_scores(q, k, is_causal)
+    loss = (torch.softmax(scores, -1) @ v * d_out).sum()
+    if with_grad_lse:
+        loss = loss + (torch.logsumexp(scores, -1) * d_lse).sum()
+    theirs = torch.autograd.grad(loss, (q, k, v))
+    for name, a, b in zip("qkv", ours, theirs):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"d{name}")
+
+
+def test_backward_function_with_scale_low_precision_and_no_L_by_S_tensor():
+    q, k, v = qkv((1, 2), 256, 256, 8, 8, seed=24, requires_grad=True)
+    d_out = randn(1, 2, 256, 8, seed=25)
+    out, lse = flash_attention(q, k, v, scale=0.3, is_causal=True, return_lse=True)
+    torch.autograd.backward(out, d_out)
+    watcher = ShapeRecorder()
+    with watcher:
+        ours = attnlib.flash_attention_backward(q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(),
+                                                d_out, is_causal=True, scale=0.3, block_q=32, block_k=32)
+    assert watcher.quadratic(256, 256) == []
+    for a, b in zip(ours, (q.grad, k.grad, v.grad)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    # bfloat16 in, fp32 lse: computed in fp32, gradients cast back to bfloat16
+    qb, kb, vb = (t.detach().to(torch.bfloat16) for t in (q, k, v))
+    ob, lb = flash_attention(qb, kb, vb, return_lse=True)
+    grads = attnlib.flash_attention_backward(qb, kb, vb, ob, lb, d_out.to(torch.bfloat16))
+    assert [g.dtype for g in grads] == [torch.bfloat16] * 3
+    q32, k32, v32 = (t.float().requires_grad_(True) for t in (qb, kb, vb))
+    torch.autograd.backward(F.scaled_dot_product_attention(q32, k32, v32), d_out.float())
+    for g, ref in zip(grads, (q32.grad, k32.grad, v32.grad)):
+        assert (g.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_backward_function_explains_bad_input():
+    q, k, v = qkv((2, 3), 5, 6, 4, 4)
+    out, lse = flash_attention(q, k, v, return_lse=True)
+    with pytest.raises(ValueError, match="lse must have shape"):
+        attnlib.flash_attention_backward(q, k, v, out, lse[..., :2], out)
+    with pytest.raises(ValueError, match="grad_out must have shape"):
+        attnlib.flash_attention_backward(q, k, v, out, lse, out[..., :1])
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        attnlib.flash_attention_backward(q, k, v, out, lse, out, grad_lse=[0.0])

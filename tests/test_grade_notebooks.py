@@ -16,7 +16,7 @@ ASSIGNMENTS = sorted(p.name for p in (ROOT / "solutions").iterdir() if p.is_dir(
 
 @pytest.fixture(scope="module")
 def reports():
-    """Grade all 22 notebooks once, two children at a time."""
+    """Grade all 22 notebooks (11 solutions, 11 released) once, two children at a time."""
     paths = [ROOT / kind / a / f"{a}.ipynb" for a in ASSIGNMENTS for kind in ("solutions", "notebooks")]
     with ThreadPoolExecutor(max_workers=2) as pool:
         graded = list(pool.map(lambda p: grade_notebook(p, timeout=300), paths))
@@ -32,6 +32,9 @@ def test_solution_scores_full_marks(reports, assignment):
     report = reports[ROOT / "solutions" / assignment / f"{assignment}.ipynb"]
     assert report.max_score > 0
     assert report.score == report.max_score, [(i.id, i.feedback) for i in report.items if not i.passed]
+    assert 2 <= len(report.items) <= 4, [i.id for i in report.items]  # 2-4 graded items per chapter
+    # no cell of the notebook failed in the grader's child (the install cell included)
+    assert not [n for n in report.notes if n.startswith("cell ")], report.notes
 
 
 @pytest.mark.parametrize("assignment", ASSIGNMENTS)

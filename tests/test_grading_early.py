@@ -17,9 +17,9 @@ from attnlib.grading.core import mistake_as_student
 
 EARLY = sorted(ex_id for ex_id, ex in EXERCISES.items() if ex.chapter <= 5)
 EXPECTED_IDS = {
-    "ElmanRNN", "softmax", "scaled_dot_product_attention", "attention_weights",
-    "MultiHeadAttention.split_heads", "MultiHeadAttention.merge_heads", "MultiHeadAttention.forward",
-    "causal_mask", "padding_mask",
+    "ElmanRNN", "hidden_state_gradient_norms", "softmax", "scaled_dot_product_attention",
+    "attention_weights", "attention_entropy", "MultiHeadAttention.split_heads",
+    "MultiHeadAttention.merge_heads", "MultiHeadAttention.forward", "causal_mask", "padding_mask",
 }
 # Every catalogued mistake of every chapter (1-11): each must fail a visible case and be named.
 MISTAKES = [(ex_id, m.name) for ex_id in sorted(EXERCISES) for m in EXERCISES[ex_id].mistakes]
@@ -28,7 +28,8 @@ MISTAKES = [(ex_id, m.name) for ex_id in sorted(EXERCISES) for m in EXERCISES[ex
 def test_the_chapter_1_to_5_exercises_are_registered():
     assert set(EARLY) == EXPECTED_IDS
     chapters = {ex_id: EXERCISES[ex_id].chapter for ex_id in EARLY}
-    assert chapters == {"ElmanRNN": 1, "softmax": 2, "scaled_dot_product_attention": 2, "attention_weights": 3,
+    assert chapters == {"ElmanRNN": 1, "hidden_state_gradient_norms": 1, "softmax": 2,
+                        "scaled_dot_product_attention": 2, "attention_weights": 3, "attention_entropy": 3,
                         "MultiHeadAttention.split_heads": 4, "MultiHeadAttention.merge_heads": 4,
                         "MultiHeadAttention.forward": 4, "causal_mask": 5, "padding_mask": 5}
     for ex_id in EARLY:
@@ -45,6 +46,7 @@ def test_the_reference_passes_every_case(ex_id, hidden):
 @pytest.mark.parametrize("ex_id", EARLY)
 def test_visible_and_hidden_cases_differ_and_grading_is_fast(ex_id):
     ex = EXERCISES[ex_id]
+    grade_function(ex_id, ex.reference)  # warm-up: one-time lazy imports inside torch are not grading time
     start = time.perf_counter()
     visible = grade_function(ex_id, ex.reference)
     hidden = grade_function(ex_id, ex.reference, hidden=True)
@@ -66,7 +68,8 @@ def test_every_mistake_fails_a_visible_case_and_is_named(ex_id, mistake_name):
 
 
 @pytest.mark.parametrize("ex_id, minimum", [
-    ("ElmanRNN", 4), ("softmax", 4), ("scaled_dot_product_attention", 4), ("attention_weights", 4),
+    ("ElmanRNN", 4), ("hidden_state_gradient_norms", 4), ("attention_entropy", 4), ("softmax", 4),
+    ("scaled_dot_product_attention", 4), ("attention_weights", 4),
     ("MultiHeadAttention.split_heads", 4), ("MultiHeadAttention.merge_heads", 4),
     ("MultiHeadAttention.forward", 4), ("causal_mask", 4), ("padding_mask", 4),
 ])
@@ -193,6 +196,23 @@ class MyMultiHeadAttention(attnlib.MultiHeadAttention):
         return self.o_proj(self.merge_heads(my_sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal)))
 
 
+def my_gradient_norms(model, x):
+    """The Jacobian by torch.func, one vector-Jacobian product per component of h_T."""
+    x = x.reshape(1, *x.shape[-2:]).detach()
+
+    def last(inputs):
+        out = model(inputs)
+        return (out[0] if isinstance(out, tuple) else out)[0, -1]
+
+    jac = torch.func.jacrev(last)(x)  # (hidden, 1, T, input_size)
+    return torch.linalg.vector_norm(jac.permute(2, 0, 1, 3).flatten(1), dim=1)  # (T,)
+
+
+def my_entropy(weights, dim=-1):
+    p = weights.float() if weights.dtype in (torch.float16, torch.bfloat16) else weights
+    return (-(p * p.clamp_min(torch.finfo(p.dtype).tiny).log())).sum(dim).to(weights.dtype)
+
+
 def my_causal_mask(L, S=None, device=None):
     S = L if S is None else S
     return torch.arange(S)[None, :] <= torch.arange(L)[:, None]
@@ -203,7 +223,8 @@ def my_padding_mask(lengths, S):
 
 
 SOLUTIONS = {
-    "ElmanRNN": MyElmanRNN, "softmax": my_softmax, "scaled_dot_product_attention": my_sdpa,
+    "ElmanRNN": MyElmanRNN, "hidden_state_gradient_norms": my_gradient_norms,
+    "attention_entropy": my_entropy, "softmax": my_softmax, "scaled_dot_product_attention": my_sdpa,
     "attention_weights": my_attention_weights, "MultiHeadAttention.split_heads": MyMultiHeadAttention,
     "MultiHeadAttention.merge_heads": MyMultiHeadAttention, "MultiHeadAttention.forward": MyMultiHeadAttention,
     "causal_mask": my_causal_mask, "padding_mask": my_padding_mask,
@@ -303,3 +324,79 @@ def test_check_reports_the_failed_cases_of_a_mistake():
 def test_module_docstring_lists_every_exercise():
     for ex_id in EXPECTED_IDS:
         assert f"``{ex_id}``" in exercises_early.__doc__
+
+
+# --------------------------------------------------------------------------- models as arguments
+
+
+def test_gradient_norm_cases_carry_models_as_plain_values():
+    """A model cannot cross the grader's process boundary: a case names it, with its
+    constructor arguments and weights, and build_args builds it where the function runs."""
+    import io
+
+    ex = EXERCISES["hidden_state_gradient_norms"]
+    cases = ex.make_cases(False) + ex.make_cases(True)
+    kinds = {c.args[0]["model"] for c in cases}
+    assert kinds == {"ElmanRNN", "MultiHeadAttention", "LSTM"}
+    assert any(c.args[1].ndim == 2 for c in cases) and any(c.args[1].ndim == 3 for c in cases)
+    assert any(c.args[1].shape[-2] == 1 for c in cases), "T = 1"
+    for case in cases:
+        buffer = io.BytesIO()
+        torch.save({"args": case.args}, buffer)
+        buffer.seek(0)
+        torch.load(buffer, weights_only=True)  # plain values only
+    before = torch.random.get_rng_state()
+    args, _ = ex.build_args(cases[0].args, {})
+    assert torch.equal(torch.random.get_rng_state(), before)  # building the model leaves the RNG alone
+    assert isinstance(args[0], torch.nn.Module) and next(args[0].parameters()).dtype == torch.float64
+
+
+def test_gradient_norms_refuse_attnlib_and_accept_another_correct_route():
+    results = grade_function("hidden_state_gradient_norms",
+                             lambda model, x: attnlib.hidden_state_gradient_norms(model, x))
+    assert results and all("called attnlib.hidden_state_gradient_norms" in r.message for r in results)
+
+    def finite_differences(model, x, eps=1e-6):  # no autograd at all: central differences
+        x = x.reshape(1, *x.shape[-2:]).detach()
+
+        def last(inputs):
+            with torch.no_grad():
+                out = model(inputs)
+            return (out[0] if isinstance(out, tuple) else out)[0, -1]
+
+        T, n = x.shape[1:]
+        norms = torch.zeros(T, dtype=x.dtype)
+        for t in range(T):
+            for i in range(n):
+                step = torch.zeros_like(x)
+                step[0, t, i] = eps
+                norms[t] += ((last(x + step) - last(x - step)) / (2 * eps)).pow(2).sum()
+        return norms.sqrt()
+
+    ex = EXERCISES["hidden_state_gradient_norms"]
+    for case in ex.make_cases(False):
+        args, _ = ex.build_args(case.args, {})
+        torch.testing.assert_close(finite_differences(*args), attnlib.hidden_state_gradient_norms(*args),
+                                   rtol=1e-6, atol=1e-7)
+
+
+def test_entropy_cases_hold_zeros_masked_rows_and_low_precision():
+    for hidden in (False, True):
+        ws = [c.args[0] for c in _cases("attention_entropy", hidden)]
+        assert any(bool((w == 0).any()) for w in ws), "exact zeros: 0 ln 0"
+        assert any(w.dtype in (torch.float16, torch.bfloat16) for w in ws)
+    visible = _cases("attention_entropy", False)
+    assert any(bool((c.args[0] == 0).all(-1).any()) for c in visible), "a fully masked (all-zero) row"
+    assert any(c.kwargs.get("dim", -1) != -1 for c in visible)
+
+
+def test_entropy_refuses_the_builtins():
+    refused = {
+        "torch.special.entr": lambda w, dim=-1: torch.special.entr(w).sum(dim),
+        "torch.xlogy": lambda w, dim=-1: -torch.xlogy(w, w).sum(dim),
+        "torch.distributions.Categorical": lambda w, dim=-1: torch.distributions.Categorical(probs=w).entropy(),
+    }
+    for name, fn in refused.items():
+        results = grade_function("attention_entropy", fn)
+        assert results and all(f"called {name}" in r.message for r in results), name
+

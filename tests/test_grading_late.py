@@ -3,9 +3,10 @@
 For every exercise: the reference passes all its visible and hidden cases, the cases are
 deterministic and survive ``torch.save``/``torch.load(weights_only=True)``, and every
 catalogued mistake fails a visible case with a message that names it and points to a
-heading that exists in the book. Then the properties beyond values: flash attention must
-not build the L x S matrix, ``KVCache.update`` is judged over several calls, and RoPE
-accepts angles computed in float64.
+heading that exists in the book. Then the properties beyond values: flash attention (forward
+and backward) must not build the L x S matrix, ``KVCache.update`` is judged over several
+calls, the GQA forward is judged through a KV cache chunk by chunk and must cache
+``n_kv_heads`` heads, and RoPE accepts angles computed in float64.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import Tensor
 
+import attnlib
 from conftest import same_value
 
 from attnlib.attention import scaled_dot_product_attention as naive_attention
-from attnlib.flash import flash_attention
+from attnlib.flash import flash_attention, flash_attention_backward
 from attnlib.grading import EXERCISES, Case, check, grade_function
 from attnlib.grading.core import mistake_as_student
 
@@ -29,6 +32,7 @@ LATE = {
     "repeat_kv": 6,
     "kv_cache_bytes": 6,
     "KVCache.update": 6,
+    "MultiHeadAttention": 6,
     "sinusoidal_positional_encoding": 7,
     "apply_rope": 7,
     "alibi_slopes": 7,
@@ -36,10 +40,12 @@ LATE = {
     "attention_score_bytes": 8,
     "attention_flops": 8,
     "flash_attention": 9,
+    "flash_attention_backward": 9,
     "sliding_window_mask": 10,
     "longformer_mask": 10,
     "linear_attention": 10,
     "patchify": 11,
+    "unpatchify": 11,
 }
 BOOK = Path(__file__).resolve().parent.parent / "book"
 NO_SCORE_MATRIX = "must never materialise the L x S score matrix"
@@ -108,7 +114,8 @@ def test_sections_point_to_existing_headings(ex_id):
 def test_each_exercise_has_enough_mistakes():
     counts = {ex_id: len(EXERCISES[ex_id].mistakes) for ex_id in LATE}
     for core in ("apply_rope", "flash_attention", "linear_attention", "sliding_window_mask",
-                 "longformer_mask", "alibi_bias"):
+                 "longformer_mask", "alibi_bias", "MultiHeadAttention", "flash_attention_backward",
+                 "unpatchify"):
         assert counts[core] >= 4, (core, counts[core])
     assert min(counts.values()) >= 3, counts
 
@@ -258,3 +265,215 @@ def test_cases_use_only_plain_values():
         for case in EXERCISES[ex_id].make_cases(False) + EXERCISES[ex_id].make_cases(True):
             assert isinstance(case, Case)
             assert ok(case.args) and ok(case.kwargs) and ok(case.init_args), (ex_id, case.name)
+
+
+# ----------------------------------------------------------------------------- GQA forward
+
+GQA = "MultiHeadAttention"  # chapter 6: the class, graded on forward with n_kv_heads < n_heads
+
+
+def _gqa_cases(hidden):
+    return EXERCISES[GQA].make_cases(hidden)
+
+
+def test_gqa_forward_is_its_own_exercise_of_the_forward_method():
+    ex = EXERCISES[GQA]
+    assert ex.reference is attnlib.MultiHeadAttention and ex.kind == "module"
+    assert {c.method for c in _gqa_cases(False) + _gqa_cases(True)} == {"forward"}
+    # chapter 4 grades the same method with n_kv_heads=None only
+    assert {c.init_args[2] for c in EXERCISES["MultiHeadAttention.forward"].make_cases(True)} == {None}
+
+
+def test_gqa_cases_cover_mqa_gqa_masks_cross_attention_and_the_cache():
+    for hidden in (False, True):
+        cases = _gqa_cases(hidden)
+        ratios = {(c.init_args[1], c.init_args[2]) for c in cases}
+        assert any(kv == 1 for _, kv in ratios), "MQA"
+        assert any(1 < kv < h for h, kv in ratios), "GQA"
+        assert any(c.kwargs.get("is_causal") for c in cases)
+        assert any(c.kwargs.get("attn_mask") is not None for c in cases)
+        assert any(c.kwargs.get("context") is not None and c.kwargs["context"].size(1) != c.args[0].size(1)
+                   for c in cases), "cross-attention with L != S"
+        assert any("KV cache" in c.name for c in cases)
+    hidden = _gqa_cases(True)
+    assert any(c.args[0].size(1) == 1 for c in hidden), "L = 1"
+    assert any(c.init_args[1] == c.init_args[2] for c in hidden), "n_kv_heads = n_heads"
+    assert any(h // kv not in (1, kv) for h, kv in {(c.init_args[1], c.init_args[2]) for c in hidden}), \
+        "a group size different from the number of groups"
+
+
+class MyGQA(attnlib.MultiHeadAttention):
+    """GQA written independently: the group axis made explicit with einsum, no repeat at all."""
+
+    def forward(self, x, context=None, attn_mask=None, is_causal=False, kv_cache=None):
+        B, L, _ = x.shape
+        src = x if context is None else context
+        G, R, D = self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim
+        q = self.q_proj(x).view(B, L, G, R, D)  # query head g * R + r belongs to group g
+        k = self.k_proj(src).view(B, -1, G, D).transpose(1, 2)  # (B, G, S_new, D)
+        v = self.v_proj(src).view(B, -1, G, D).transpose(1, 2)
+        past = 0
+        if kv_cache is not None:
+            past = kv_cache.seq_len
+            k, v = kv_cache.update(k, v)
+        S = k.size(2)
+        scores = torch.einsum("blgrd,bgsd->bgrls", q, k) / D ** 0.5  # (B, G, R, L, S)
+        keep = torch.ones(L, S, dtype=torch.bool)
+        if kv_cache is not None:
+            keep = torch.arange(S)[None, :] <= torch.arange(L)[:, None] + past
+        elif is_causal:
+            keep = torch.arange(S)[None, :] <= torch.arange(L)[:, None]
+        scores = scores.masked_fill(~keep, float("-inf"))
+        if attn_mask is not None:
+            m = attn_mask
+            if m.dim() == 4:  # (B, 1, 1, S): per batch element
+                m = m[:, :, None]
+            scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m
+        top = scores.amax(-1, keepdim=True).nan_to_num(neginf=0.0)
+        w = (scores - top).exp()
+        w = w / w.sum(-1, keepdim=True).clamp_min(1e-300)
+        y = torch.einsum("bgrls,bgsd->blgrd", w, v).reshape(B, L, -1)
+        return self.o_proj(y)
+
+
+class RepeatsBeforeCaching(attnlib.MultiHeadAttention):
+    """Right outputs, but the KV heads are repeated before they are cached."""
+
+    def forward(self, x, context=None, attn_mask=None, is_causal=False, kv_cache=None):
+        n_rep = self.n_heads // self.n_kv_heads
+        src = x if context is None else context
+        q = self.split_heads(self.q_proj(x), self.n_heads)
+        k = self.split_heads(self.k_proj(src), self.n_kv_heads).repeat_interleave(n_rep, dim=1)
+        v = self.split_heads(self.v_proj(src), self.n_kv_heads).repeat_interleave(n_rep, dim=1)
+        L = x.size(1)
+        if kv_cache is not None:
+            past = kv_cache.seq_len
+            k, v = kv_cache.update(k, v)
+            attn_mask, is_causal = torch.ones(L, past + L, dtype=torch.bool).tril(past), False
+        y = naive_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        return self.o_proj(self.merge_heads(y))
+
+
+def test_gqa_independent_solution_passes(capsys):
+    for hidden in (False, True):
+        check(GQA, MyGQA, hidden=hidden)
+    assert capsys.readouterr().out.count("cases passed") == 2
+
+
+def test_gqa_decoding_is_judged_chunk_by_chunk_and_the_cache_must_hold_the_kv_heads():
+    failed = [r for r in grade_function(GQA, RepeatsBeforeCaching) if not r.passed]
+    cache_cases = [c.name for c in _gqa_cases(False) if "KV cache" in c.name]
+    assert [r.case for r in failed] == cache_cases  # the outputs themselves are right
+    assert "the KV cache holds keys of shape (2, 8, 6, 2)" in failed[0].message
+    assert "n_kv_heads = 2" in failed[0].message
+
+    class StopsAfterPrefill(MyGQA):
+        def forward(self, x, context=None, attn_mask=None, is_causal=False, kv_cache=None):
+            if kv_cache is not None and kv_cache.seq_len:
+                raise RuntimeError("no decoding")
+            return super().forward(x, context, attn_mask, is_causal, kv_cache)
+
+    failed = [r for r in grade_function(GQA, StopsAfterPrefill) if not r.passed]
+    assert [r.case for r in failed] == cache_cases
+    assert "chunk 2 of 3" in failed[0].message and "raised RuntimeError: no decoding" in failed[0].message
+
+
+def test_gqa_refuses_the_ready_made_head_mapping():
+    class Fused(attnlib.MultiHeadAttention):
+        def forward(self, x, context=None, attn_mask=None, is_causal=False, kv_cache=None):
+            src = x if context is None else context
+            q = self.split_heads(self.q_proj(x), self.n_heads)
+            k = self.split_heads(self.k_proj(src), self.n_kv_heads)
+            v = self.split_heads(self.v_proj(src), self.n_kv_heads)
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                                                 is_causal=is_causal, enable_gqa=True)
+            return self.o_proj(self.merge_heads(y))
+
+    results = grade_function(GQA, Fused)
+    assert all("called torch.nn.functional.scaled_dot_product_attention" in r.message for r in results)
+
+    class Library(attnlib.MultiHeadAttention):
+        def forward(self, x, context=None, attn_mask=None, is_causal=False, kv_cache=None):
+            src = x if context is None else context
+            q = self.split_heads(self.q_proj(x), self.n_heads)
+            k = attnlib.repeat_kv(self.split_heads(self.k_proj(src), self.n_kv_heads), self.n_heads // self.n_kv_heads)
+            v = attnlib.repeat_kv(self.split_heads(self.v_proj(src), self.n_kv_heads), self.n_heads // self.n_kv_heads)
+            return self.o_proj(self.merge_heads(naive_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)))
+
+    results = grade_function(GQA, Library)
+    assert all("called attnlib.repeat_kv" in r.message for r in results)
+
+
+# ----------------------------------------------------------------------------- flash backward
+
+
+def _naive_backward(query, key, value, out, lse, grad_out, is_causal=False, scale=None, block_q=512,
+                    block_k=256, grad_lse=None):
+    """The formulas of the chapter, right, but on the whole (L, S) matrix at once."""
+    scale = 1 / math.sqrt(query.size(-1)) if scale is None else scale
+    s = (query @ key.transpose(-2, -1)) * scale
+    if is_causal:
+        s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool).tril(), float("-inf"))
+    p = torch.exp(s - lse[..., None])
+    d = (grad_out * out).sum(-1, keepdim=True) - (0 if grad_lse is None else grad_lse[..., None])
+    ds = p * (grad_out @ value.transpose(-2, -1) - d)
+    return scale * ds @ key, scale * ds.transpose(-2, -1) @ query, p.transpose(-2, -1) @ grad_out
+
+
+def test_flash_backward_flags_the_full_matrix_but_accepts_its_values():
+    ex_id = "flash_attention_backward"
+    results = grade_function(ex_id, _naive_backward)
+    flagged = [r for r in results if not r.passed]
+    assert flagged and all(NO_SCORE_MATRIX in r.message and "P = exp(scores - lse)" in r.message
+                           for r in flagged)
+    assert len(flagged) == sum("no L x S tensor" in c.name for c in EXERCISES[ex_id].make_cases(False))
+    assert any(NO_SCORE_MATRIX in r.message for r in grade_function(ex_id, _naive_backward, hidden=True))
+
+
+def test_flash_backward_refuses_autograd():
+    def through_autograd(query, key, value, out, lse, grad_out, is_causal=False, scale=None, block_q=512,
+                         block_k=256, grad_lse=None):
+        q, k, v = (t.detach().requires_grad_(True) for t in (query, key, value))
+        o = naive_attention(q, k, v, is_causal=is_causal, scale=scale)
+        return torch.autograd.grad(o, (q, k, v), grad_out)
+
+    results = grade_function("flash_attention_backward", through_autograd)
+    assert all("called torch.autograd.grad" in r.message for r in results)
+
+
+def test_flash_backward_cases_match_autograd_through_torch():
+    """The cases' out and lse are the forward's, and the reference's gradients are autograd's."""
+    for case in EXERCISES["flash_attention_backward"].make_cases(True)[:4]:
+        query, key, value, out, lse, grad_out = case.args
+        q, k, v = (t.detach().requires_grad_(True) for t in (query, key, value))
+        kw = {n: case.kwargs[n] for n in ("is_causal", "scale") if n in case.kwargs}
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, **kw)
+        torch.testing.assert_close(o.detach(), out, rtol=1e-10, atol=1e-10)
+        theirs = torch.autograd.grad(o, (q, k, v), grad_out)
+        ours = flash_attention_backward(*case.args, **case.kwargs)
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------- unpatchify
+
+
+def test_unpatchify_independent_solution_and_fold_refused():
+    def by_loops(patches, patch_size, height, width):
+        B, N, P = patches.shape
+        p = patch_size
+        C = P // (p * p)
+        image = patches.new_zeros(B, C, height, width)
+        for n in range(N):
+            r, c = divmod(n, width // p)
+            image[:, :, r * p:(r + 1) * p, c * p:(c + 1) * p] = patches[:, n].view(B, C, p, p)
+        return image
+
+    for hidden in (False, True):
+        assert all(r.passed for r in grade_function("unpatchify", by_loops, hidden=hidden))
+
+    def folded(patches, patch_size, height, width):
+        return torch.nn.functional.fold(patches.transpose(1, 2), (height, width), patch_size, stride=patch_size)
+
+    assert all("called torch.nn.functional.fold" in r.message for r in grade_function("unpatchify", folded))
+

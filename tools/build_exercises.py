@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import ast
 import inspect
+import json
 import shutil
 import subprocess
 import sys
@@ -32,6 +33,7 @@ import textwrap
 from pathlib import Path
 
 import nbformat
+import yaml
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,6 +46,35 @@ SOURCE_DIR = "solutions"
 RELEASE_DIR = "notebooks"
 
 # --------------------------------------------------------------------------- the imports
+
+
+def repository_install_target(root: Path = REPO) -> str:
+    """``git+<repository.url>[@<repository.branch>]`` from ``_config.yml``, the one place the
+    course's public repository is named (the book's Colab/Binder links come from it too)."""
+    config = yaml.safe_load((root / "_config.yml").read_text(encoding="utf-8"))
+    repo = config.get("repository") or {}
+    url = str(repo.get("url") or "").rstrip("/")
+    if not url.startswith("https://"):
+        raise ValueError(f"_config.yml: repository.url must be an https URL, got {url!r}")
+    branch = str(repo.get("branch") or "")
+    return f"git+{url}" + (f"@{branch}" if branch else "")
+
+
+def install_source() -> str:
+    """The first code cell: installs the course package where it is missing (Google Colab),
+    and does nothing where it is installed (a clone, Binder, the grader, nbgrader)."""
+    return f"""\
+# Google Colab (or any Python without the course package): install attnlib from the course's
+# repository. Where attnlib is already installed (your clone, Binder, the grader) this does nothing.
+import importlib.util
+import subprocess
+import sys
+
+if importlib.util.find_spec("attnlib") is None:
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet",
+                    {json.dumps(repository_install_target())}], check=True)
+"""
+
 
 BASE_IMPORTS = """\
 import math
@@ -65,13 +96,65 @@ import attnlib  # the reference: used only by the explore cells, to compare with
 
 CHAPTERS: dict[str, dict] = {}
 
+# MultiHeadAttention.forward is graded twice: in chapter 4 (MHA, self- and cross-attention,
+# masks) and in chapter 6 (GQA/MQA and decoding with a KV cache). One solution serves both.
+MHA_FORWARD_SOLUTION = """\
+source = x if context is None else context
+B, L, _ = x.shape
+q = self.split_heads(self.q_proj(x), self.n_heads)  # (B, H, L, D)
+k = self.split_heads(self.k_proj(source), self.n_kv_heads)  # (B, H_kv, S, D)
+v = self.split_heads(self.v_proj(source), self.n_kv_heads)
+offset = 0 if kv_cache is None else kv_cache.seq_len
+if self.rope_base is not None:  # rotate-half RoPE at absolute positions (chapter 7)
+    def rope(t: Tensor, pos: Tensor) -> Tensor:
+        D = t.size(-1)
+        inv_freq = 1.0 / (self.rope_base ** (torch.arange(0, D, 2, device=t.device).float() / D))
+        angle = pos.float()[:, None] * inv_freq  # (L, D/2)
+        angle = torch.cat((angle, angle), dim=-1)
+        half1, half2 = t[..., : D // 2], t[..., D // 2:]
+        return t * angle.cos().to(t.dtype) + torch.cat((-half2, half1), dim=-1) * angle.sin().to(t.dtype)
+    q = rope(q, torch.arange(offset, offset + L, device=x.device))
+    k_pos = torch.arange(offset, offset + L) if context is None else torch.arange(k.size(-2))
+    k = rope(k, k_pos.to(x.device))
+if kv_cache is not None:
+    k, v = kv_cache.update(k, v)  # every cached position, old ones first
+    allowed = torch.ones(L, offset + L, dtype=torch.bool, device=x.device).tril(offset)
+    if attn_mask is None:
+        attn_mask = allowed
+    elif attn_mask.dtype == torch.bool:
+        attn_mask = allowed & attn_mask
+    else:
+        attn_mask = attn_mask.to(q.dtype).masked_fill(~allowed, float("-inf"))
+    is_causal = False
+n_rep = self.n_heads // self.n_kv_heads
+k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)  # (B, H, S, D)
+if self.fused:
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+else:
+    scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (B, H, L, S)
+    S = scores.size(-1)
+    neg_inf = torch.full_like(scores, float("-inf"))
+    if is_causal:
+        scores = torch.where(torch.ones(L, S, dtype=torch.bool, device=x.device).tril(), scores, neg_inf)
+    if attn_mask is not None:
+        scores = torch.where(attn_mask, scores, neg_inf) if attn_mask.dtype == torch.bool \\
+            else scores + attn_mask
+    peak = scores.amax(dim=-1, keepdim=True)
+    e = torch.exp(scores - torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak)))
+    total = e.sum(dim=-1, keepdim=True)
+    y = e / torch.where(total == 0, torch.ones_like(total), total) @ v  # (B, H, L, D)
+return self.o_proj(self.merge_heads(y))  # (B, L, d_model)
+"""
+
 CHAPTERS["01_recurrence"] = dict(
     number=1,
     title="Why attention replaced recurrence",
     intro="""\
 You write the vanilla (Elman) recurrent network as the loop it is. Running it makes the two
 problems of recurrence concrete: every step waits for the previous one, and everything the
-network has read is squeezed into one hidden vector.""",
+network has read is squeezed into one hidden vector. Then you measure the second problem: how
+strongly the last hidden state still depends on each input, through a recurrence and through
+one attention layer.""",
     imports="from attnlib._validate import check_positive_int  # used by the constructor\n",
     exercises=[
         dict(
@@ -119,6 +202,59 @@ try:
     plt.xlabel("step t"); plt.ylabel("||h_t||"); plt.legend(); plt.show()
 except NotImplementedError:
     print("ElmanRNN.forward is not written yet: fill in the cell above and run this one again.")
+""",
+        ),
+        dict(
+            id="hidden_state_gradient_norms",
+            points=3,
+            guide="""\
+How strongly does the last output $h_T$ still depend on the input $x_t$? Chapter 1, sections
+*A recurrence and its gradient* and *The code*, measure it by the Jacobian
+$\\partial h_T / \\partial x_t$, a `(hidden, input_size)` block for every position `t`. Return
+the Frobenius norm of each block (the square root of the sum of its squared entries): a
+tensor of shape `(T,)`.
+
+`model` maps `(1, T, input_size)` to `(1, T, hidden)`, or to a tuple whose first element is
+that: your `ElmanRNN`, a `torch.nn.LSTM` with `batch_first=True`, or an attention layer
+(which returns a plain tensor). $h_T$ is the model's output at the **last** position. `x` is
+one sequence, `(T, input_size)` or `(1, T, input_size)`. The grader calls your function with
+RNNs, an LSTM and attention layers, all in float64.""",
+            hints=[
+                "Start from `x.detach().requires_grad_(True)` (with a batch axis of 1 added if `x` is 2-D): autograd then differentiates with respect to it.",
+                "One backward pass differentiates one number: `torch.autograd.grad(h_T[i], x, retain_graph=True)` is row `i` of the Jacobian, for every `t` at once. `torch.autograd.functional.jacobian` builds all the rows for you.",
+                "A single backward pass of `h_T.sum()` is not enough: it adds the rows of the Jacobian together before you can take their norm.",
+            ],
+            solution="""\
+if x.ndim == 2:
+    x = x.unsqueeze(0)  # (1, T, input_size)
+x = x.detach()
+
+def last_output(inputs: Tensor) -> Tensor:
+    out = model(inputs)
+    out = out[0] if isinstance(out, tuple) else out  # (1, T, hidden)
+    return out[0, -1]  # (hidden,): h_T
+
+jac = torch.autograd.functional.jacobian(last_output, x)  # (hidden, 1, T, input_size)
+return jac.pow(2).sum(dim=(0, 1, 3)).sqrt()  # (T,): one Frobenius norm per position
+""",
+            explore="""\
+# Explore (not graded): d h_T / d x_t against the distance T - t, through a recurrence and
+# through one attention layer (the comparison of the chapter's first figure).
+torch.manual_seed(0)
+T = 60
+x = torch.randn(T, 16, dtype=torch.float64)
+models = {"Elman RNN": attnlib.ElmanRNN(16, 16).double(),
+          "attention (1 layer)": attnlib.MultiHeadAttention(16, 2).double()}
+try:
+    distance = torch.arange(T - 1, -1, -1)  # T - t for t = 1 .. T
+    for name, model in models.items():
+        norms = hidden_state_gradient_norms(model, x)
+        gap = (norms - attnlib.hidden_state_gradient_norms(model, x)).abs().max().item()
+        print(f"{name}: largest difference from attnlib {gap:.1e}")
+        plt.semilogy(distance.numpy(), norms.detach().numpy(), label=name)
+    plt.xlabel("distance T - t"); plt.ylabel("||d h_T / d x_t||"); plt.legend(); plt.show()
+except NotImplementedError:
+    print("hidden_state_gradient_norms is not written yet: fill in the cell above and run this one again.")
 """,
         ),
     ],
@@ -246,7 +382,8 @@ CHAPTERS["03_scaling"] = dict(
     title="Why divide by √d_k",
     intro="""\
 You write the attention weights on their own, the place where the $1/\\sqrt{d_k}$ factor
-acts, and then watch what happens to them without it.""",
+acts, and the entropy that measures what happens to them without it: rows that collapse to
+one-hot as $d_k$ grows.""",
     imports="",
     exercises=[
         dict(
@@ -302,6 +439,46 @@ except NotImplementedError:
     print("attention_weights is not written yet: fill in the cell above and run this one again.")
 """,
         ),
+        dict(
+            id="attention_entropy",
+            points=3,
+            guide="""\
+The entropy $H(p) = -\\sum_j p_j \\ln p_j$ of a row of weights measures how spread it is:
+$\\ln S$ for uniform weights over $S$ keys, 0 for a one-hot row (Chapter 3, sections *Why
+large logits stop the gradient* and *Without the scale, the softmax saturates*). Return it
+along `dim`, in nats: the result has the shape of `weights` without that axis. A weight of
+exactly 0 (a masked key, or a row with all its keys masked) contributes $0 \\ln 0 = 0$, the
+limit of $p \\ln p$: never NaN. Compute float16/bfloat16 in float32 and return the input's
+dtype.""",
+            hints=[
+                "`p * torch.log(p)` is `0 * -inf = NaN` at `p = 0`: take the log of `torch.where(p > 0, p, 1)` instead, whose log is 0 there.",
+                "`torch.special.entr`, `torch.xlogy` and `torch.distributions.Categorical` are off limits: they handle $0 \\ln 0$ for you.",
+            ],
+            solution="""\
+work = torch.float32 if weights.dtype in (torch.float16, torch.bfloat16) else weights.dtype
+p = weights.to(work)
+log_p = torch.log(torch.where(p > 0, p, torch.ones_like(p)))  # 0 where p = 0: no -inf, no NaN
+return (-(p * log_p)).sum(dim=dim).to(weights.dtype)
+""",
+            explore="""\
+# Explore (not graded): the mean entropy of the weights against d_k, with and without the
+# 1/sqrt(d_k) factor (the chapter's figure, with your entropy).
+torch.manual_seed(0)
+d_ks = [1, 4, 16, 64, 256, 1024]
+try:
+    for label, scale in (("scale = 1/sqrt(d_k)", None), ("scale = 1 (unscaled)", 1.0)):
+        means = []
+        for d in d_ks:
+            w = attnlib.attention_weights(torch.randn(256, d), torch.randn(64, d), scale=scale)  # (256, 64)
+            means.append(attention_entropy(w).mean().item())
+        print(f"{label:22s}", " ".join(f"{h:5.2f}" for h in means))
+        plt.semilogx(d_ks, means, "o-", label=label)
+    plt.axhline(math.log(64), color="gray", linestyle="--", label="ln 64 (uniform weights)")
+    plt.xlabel("d_k"); plt.ylabel("mean entropy of a row (nats)"); plt.legend(); plt.show()
+except NotImplementedError:
+    print("attention_entropy is not written yet: fill in the cell above and run this one again.")
+""",
+        ),
     ],
 )
 
@@ -348,53 +525,7 @@ return x.reshape(B, L, n_heads, -1).permute(0, 2, 1, 3)  # (B, H, L, head_dim)
 B, H, L, D = x.shape
 return x.permute(0, 2, 1, 3).reshape(B, L, H * D)  # (B, L, H * head_dim)
 """,
-                "forward": """\
-source = x if context is None else context
-B, L, _ = x.shape
-q = self.split_heads(self.q_proj(x), self.n_heads)  # (B, H, L, D)
-k = self.split_heads(self.k_proj(source), self.n_kv_heads)  # (B, H_kv, S, D)
-v = self.split_heads(self.v_proj(source), self.n_kv_heads)
-offset = 0 if kv_cache is None else kv_cache.seq_len
-if self.rope_base is not None:  # rotate-half RoPE at absolute positions (chapter 7)
-    def rope(t: Tensor, pos: Tensor) -> Tensor:
-        D = t.size(-1)
-        inv_freq = 1.0 / (self.rope_base ** (torch.arange(0, D, 2, device=t.device).float() / D))
-        angle = pos.float()[:, None] * inv_freq  # (L, D/2)
-        angle = torch.cat((angle, angle), dim=-1)
-        half1, half2 = t[..., : D // 2], t[..., D // 2:]
-        return t * angle.cos().to(t.dtype) + torch.cat((-half2, half1), dim=-1) * angle.sin().to(t.dtype)
-    q = rope(q, torch.arange(offset, offset + L, device=x.device))
-    k_pos = torch.arange(offset, offset + L) if context is None else torch.arange(k.size(-2))
-    k = rope(k, k_pos.to(x.device))
-if kv_cache is not None:
-    k, v = kv_cache.update(k, v)  # every cached position, old ones first
-    allowed = torch.ones(L, offset + L, dtype=torch.bool, device=x.device).tril(offset)
-    if attn_mask is None:
-        attn_mask = allowed
-    elif attn_mask.dtype == torch.bool:
-        attn_mask = allowed & attn_mask
-    else:
-        attn_mask = attn_mask.to(q.dtype).masked_fill(~allowed, float("-inf"))
-    is_causal = False
-n_rep = self.n_heads // self.n_kv_heads
-k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)  # (B, H, S, D)
-if self.fused:
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
-else:
-    scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (B, H, L, S)
-    S = scores.size(-1)
-    neg_inf = torch.full_like(scores, float("-inf"))
-    if is_causal:
-        scores = torch.where(torch.ones(L, S, dtype=torch.bool, device=x.device).tril(), scores, neg_inf)
-    if attn_mask is not None:
-        scores = torch.where(attn_mask, scores, neg_inf) if attn_mask.dtype == torch.bool \\
-            else scores + attn_mask
-    peak = scores.amax(dim=-1, keepdim=True)
-    e = torch.exp(scores - torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak)))
-    total = e.sum(dim=-1, keepdim=True)
-    y = e / torch.where(total == 0, torch.ones_like(total), total) @ v  # (B, H, L, D)
-return self.o_proj(self.merge_heads(y))  # (B, L, d_model)
-""",
+                "forward": MHA_FORWARD_SOLUTION,
             },
         ),
         dict(id="MultiHeadAttention.merge_heads", points=2),
@@ -487,9 +618,10 @@ CHAPTERS["06_mqa_gqa"] = dict(
     number=6,
     title="MQA and GQA: sharing keys and values",
     intro="""\
-You write the three pieces of decoding with shared keys and values: the head mapping of
-grouped-query attention, the memory a KV cache takes, and the cache itself.""",
-    imports="",
+You write the pieces of decoding with shared keys and values: the head mapping of
+grouped-query attention, the memory a KV cache takes, the cache itself, and the attention
+layer that puts them together, with fewer key/value heads than query heads.""",
+    imports="from attnlib._validate import check_positive_int  # used by MultiHeadAttention's constructor\n",
     exercises=[
         dict(
             id="repeat_kv",
@@ -568,6 +700,52 @@ try:
     print("cached positions after each step:", sizes, "(expected [1, 2, 3, 4, 5])")
 except NotImplementedError:
     print("KVCache.update is not written yet: fill in the cell above.")
+""",
+        ),
+        dict(
+            id="MultiHeadAttention",
+            points=5,
+            guide="""\
+Chapter 4's `MultiHeadAttention` again, now with `n_kv_heads` key/value heads for `n_heads`
+query heads (Chapter 6, sections *The maths* and *The head mapping: interleave, do not
+tile*). `split_heads` and `merge_heads` are written for you; write `forward`. `k_proj` and
+`v_proj` produce `n_kv_heads * head_dim` features, so keys and values split into
+`n_kv_heads` heads, and query head `h` reads KV head `h // (n_heads // n_kv_heads)`:
+`n_kv_heads = 1` is MQA, `n_kv_heads = n_heads` plain MHA.
+
+Everything of Chapter 4 still holds: self- and cross-attention, boolean and float masks,
+`is_causal`. New is decoding with a `kv_cache` (Chapter 6, section *Incremental decoding
+reproduces the full forward pass*): append the new keys and values with `kv_cache.update`
+and attend to every cached position. New token `i` of the chunk sits at position
+`kv_cache.seq_len + i` (the length before the update) and sees keys `0 .. seq_len + i`. The
+grader decodes sequences chunk by chunk through a fresh `attnlib.KVCache`, compares every
+chunk's output with the reference, and checks that the cache keeps `n_kv_heads` heads.
+`rope_base` belongs to Chapter 7 and is not graded here.""",
+            hints=[
+                "Split queries with `self.n_heads` and keys and values with `self.n_kv_heads`.",
+                "Repeat each KV head `n_heads // n_kv_heads` times with `repeat_interleave` on the head axis (or your `repeat_kv`), never with `repeat`, and only after `kv_cache.update`: the cache keeps the `n_kv_heads` heads, which is the memory GQA saves.",
+                "With a cache the causal mask is aligned bottom-right: `torch.ones(L, offset + L, dtype=torch.bool).tril(offset)`, with `offset` read before the update; it replaces `is_causal`.",
+                "attnlib, `F.scaled_dot_product_attention` (its `enable_gqa=True` would do the head mapping for you) and `torch.nn.MultiheadAttention` are off limits: write the attention itself as in Chapters 2 and 3.",
+            ],
+            solution={"forward": MHA_FORWARD_SOLUTION},
+            explore="""\
+# Explore (not graded): your GQA layer beside attnlib's with the same weights, and decoding
+# token by token through a cache, which must reproduce the full causal pass.
+torch.manual_seed(0)
+ref = attnlib.MultiHeadAttention(32, 8, n_kv_heads=2).double()
+try:
+    mine = MultiHeadAttention(32, 8, n_kv_heads=2).double()
+    mine.load_state_dict(ref.state_dict())
+    x = torch.randn(1, 10, 32, dtype=torch.float64)
+    with torch.no_grad():
+        full = mine(x, is_causal=True)
+        print("largest difference from attnlib:", (full - ref(x, is_causal=True)).abs().max().item())
+        cache = attnlib.KVCache()
+        steps = torch.cat([mine(x[:, t:t + 1], is_causal=True, kv_cache=cache) for t in range(10)], dim=1)
+    print("token by token == one causal pass:", torch.allclose(steps, full, atol=1e-12))
+    print("cached keys:", tuple(cache.key.shape), "= (B, n_kv_heads, S, head_dim)")
+except NotImplementedError:
+    print("MultiHeadAttention.forward is not written yet: fill in the cell above.")
 """,
         ),
     ],
@@ -780,8 +958,9 @@ CHAPTERS["09_flash_attention"] = dict(
     title="FlashAttention: exact attention in tiles",
     intro="""\
 You write exact attention that never holds the whole $L \\times S$ score matrix: a loop over
-tiles of queries and keys with the online softmax. The grader checks the values and also
-that no tensor as large as the score matrix is ever built.""",
+tiles of queries and keys with the online softmax. Then its backward pass, which rebuilds
+each tile of weights from the saved log-sum-exp instead of storing them. The grader checks
+the values and also that no tensor as large as the score matrix is ever built.""",
     imports="from attnlib.flash import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q  # the default tile sizes\n",
     exercises=[
         dict(
@@ -862,6 +1041,74 @@ try:
     plt.ylabel("largest error against exact attention"); plt.show()
 except NotImplementedError:
     print("flash_attention is not written yet: fill in the cell above.")
+""",
+        ),
+        dict(
+            id="flash_attention_backward",
+            points=6,
+            guide="""\
+The backward pass of flash attention, by recomputation (Chapter 9, section *The backward
+pass: recompute, don't store*). You get what the forward pass kept, `query`, `key`, `value`,
+the output `out` and the log-sum-exp `lse`, and `grad_out`, the gradient of the loss with
+respect to the output; return the gradients with respect to `query`, `key` and `value`.
+With $P$ the weights and $D_i = dO_i \\cdot O_i$ (minus `grad_lse` when it is given):
+
+$$dV = P^\\top dO, \\qquad dS = P \\odot (dO\\,V^\\top - D), \\qquad
+dQ = \\text{scale} \\cdot dS\\,K, \\qquad dK = \\text{scale} \\cdot dS^\\top Q .$$
+
+Never hold $P$ whole: loop over tiles of `block_q` queries and `block_k` keys, rebuild each
+tile of weights as $P = \\exp(\\text{scores} - \\text{lse})$ (masked as in the forward pass when
+`is_causal`), and add its share to the three gradients. As for the forward pass, the grader
+fails any tensor as large as the `L x S` matrix, and `scale=None` means $1/\\sqrt{E}$.""",
+            hints=[
+                "$D$ is one number per query row, `(grad_out * out).sum(-1)`: compute it once, before the loops.",
+                "In a tile, `p = torch.exp(s - lse[..., q0:q1, None])`; masked scores are `-inf` and give weight 0.",
+                "Accumulate into zero tensors: `dq[..., q0:q1, :] += ...`, `dk[..., k0:k1, :] += ...`, `dv[..., k0:k1, :] += ...`.",
+                "Autograd (`torch.autograd.grad`, `.backward()`), attnlib and `F.scaled_dot_product_attention` are off limits: the exercise is the formulas.",
+            ],
+            solution="""\
+if scale is None:
+    scale = 1.0 / math.sqrt(query.size(-1))
+work = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
+q, k, v = query.to(work), key.to(work), value.to(work)
+o, d_out, row_lse = out.to(work), grad_out.to(work), lse.to(work)
+L, S = q.size(-2), k.size(-2)
+d = (d_out * o).sum(dim=-1)  # (..., L): D_i = dO_i . O_i
+if grad_lse is not None:
+    d = d - grad_lse.to(work)
+dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+for q0 in range(0, L, block_q):
+    q1 = min(q0 + block_q, L)
+    k_stop = min(S, q1) if is_causal else S  # later key tiles are all masked
+    for k0 in range(0, k_stop, block_k):
+        k1 = min(k0 + block_k, S)
+        s = (q[..., q0:q1, :] @ k[..., k0:k1, :].transpose(-2, -1)) * scale  # (..., bq, bk)
+        if is_causal:
+            rows = torch.arange(q0, q1, device=s.device)[:, None]
+            cols = torch.arange(k0, k1, device=s.device)[None, :]
+            s = s.masked_fill(cols > rows, float("-inf"))
+        p = torch.exp(s - row_lse[..., q0:q1, None])  # (..., bq, bk): this tile of weights
+        do_tile = d_out[..., q0:q1, :]  # (..., bq, Ev)
+        dv[..., k0:k1, :] += p.transpose(-2, -1) @ do_tile
+        ds = p * (do_tile @ v[..., k0:k1, :].transpose(-2, -1) - d[..., q0:q1, None])  # (..., bq, bk)
+        dq[..., q0:q1, :] += scale * (ds @ k[..., k0:k1, :])
+        dk[..., k0:k1, :] += scale * (ds.transpose(-2, -1) @ q[..., q0:q1, :])
+return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype)
+""",
+            explore="""\
+# Explore (not graded): your backward pass against autograd through attnlib's flash attention.
+torch.manual_seed(0)
+q, k, v = (torch.randn(1, 2, 64, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
+out, lse = attnlib.flash_attention(q, k, v, is_causal=True, return_lse=True)
+d_out = torch.randn_like(out)
+out.backward(d_out)
+try:
+    grads = flash_attention_backward(q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), d_out,
+                                     is_causal=True, block_q=16, block_k=16)
+    for name, mine, auto in zip("qkv", grads, (q.grad, k.grad, v.grad)):
+        print(f"d{name}: largest difference from autograd {(mine - auto).abs().max().item():.1e}")
+except NotImplementedError:
+    print("flash_attention_backward is not written yet: fill in the cell above.")
 """,
         ),
     ],
@@ -996,7 +1243,8 @@ CHAPTERS["11_beyond_language"] = dict(
     title="Attention beyond language",
     intro="""\
 A Vision Transformer reads an image as a sequence of patches. You write the cut, in the order
-that makes it equal to ViT's convolutional patch embedding.""",
+that makes it equal to ViT's convolutional patch embedding, and its inverse, which puts
+patches back together into an image.""",
     imports="",
     exercises=[
         dict(
@@ -1035,6 +1283,45 @@ try:
     plt.show()
 except NotImplementedError:
     print("patchify is not written yet: fill in the cell above.")
+""",
+        ),
+        dict(
+            id="unpatchify",
+            points=3,
+            guide="""\
+The inverse of `patchify` (Chapter 11, section *The code*): put `(B, N, C * p * p)` patches
+back into `(B, C, H, W)` images, so that `unpatchify(patchify(x, p), p, H, W)` equals `x`
+exactly. The patches are in `patchify`'s order: row-major over the grid of patches, each
+vector laid out `(C, p, p)`. `C` follows from the last axis. Keep the dtype.""",
+            hints=[
+                "Reshape to `(B, H/p, W/p, C, p, p)`, then permute so that each grid axis sits next to its pixel axis: `(B, C, H/p, p, W/p, p)`; a reshape then merges them.",
+                "The permutation is the inverse of patchify's, not the same one. `F.fold` is off limits.",
+            ],
+            solution="""\
+B = patches.size(0)
+p = patch_size
+C = patches.size(-1) // (p * p)
+grid = patches.reshape(B, height // p, width // p, C, p, p)  # (B, H/p, W/p, C, p, p)
+grid = grid.permute(0, 3, 1, 4, 2, 5)  # (B, C, H/p, p, W/p, p)
+return grid.reshape(B, C, height, width)  # (B, C, H, W)
+""",
+            explore="""\
+# Explore (not graded): a round trip, and an image whose patches were shuffled before being
+# put back (a transformer without positions sees no difference between the two).
+torch.manual_seed(0)
+image = torch.linspace(0, 1, 32 * 48).reshape(1, 1, 32, 48) * torch.tensor([1.0, 0.6, 0.3])[None, :, None, None]
+try:
+    patches = patchify(image, 8)  # (1, 24, 192)
+    print("unpatchify(patchify(x)) == x:", torch.equal(unpatchify(patches, 8, 32, 48), image))
+    shuffled = unpatchify(patches[:, torch.randperm(patches.size(1))], 8, 32, 48)
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+    axes[0].imshow(image[0].permute(1, 2, 0).numpy()); axes[0].set_title("image")
+    axes[1].imshow(shuffled[0].permute(1, 2, 0).numpy()); axes[1].set_title("patches shuffled")
+    for ax in axes:
+        ax.axis("off")
+    plt.show()
+except NotImplementedError:
+    print("patchify or unpatchify is not written yet: fill in the cells above.")
 """,
         ),
     ],
@@ -1146,7 +1433,9 @@ are named next to each exercise.
 {listing}
 | **total** | **{total}** |
 
-**How this notebook works.** Run the imports cell first. Replace each
+**How this notebook works.** Run the first two code cells first: the install cell, which
+on Google Colab installs the course package `attnlib` from the course's repository (anywhere
+it is already installed it does nothing), and the imports. Replace each
 `raise NotImplementedError` by your code, then run the test cell below it: it checks your
 result against the course's reference on the visible cases and names the mistake when it
 recognises one. Hidden cases, with more edge cases, are run when the notebook is graded;
@@ -1157,6 +1446,7 @@ asked to write."""
 
     cells = [
         _cell("markdown", intro, "intro"),
+        _cell("code", install_source().rstrip("\n"), "install"),
         _cell("code", BASE_IMPORTS + spec["imports"], "imports"),
     ]
     done_objects: set[str] = set()

@@ -120,6 +120,10 @@ class Exercise:
         atol, rtol: float64 tolerances (``torch.allclose`` semantics).
         extra_check: optional ``extra_check(fn, case) -> str | None`` run in-process after a
             case passed, for properties beyond values; a string is the failure message.
+        build_args: optional, for ``kind="function"``: ``build_args(args, kwargs) -> (args,
+            kwargs)`` turns a case's plain values into arguments a case cannot carry across a
+            process boundary (e.g. a model built from its constructor arguments and weights).
+            :func:`call` applies it, on the cloned inputs, before every call of a function.
     """
 
     id: str
@@ -133,6 +137,7 @@ class Exercise:
     atol: float = 1e-10
     rtol: float = 1e-8
     extra_check: Callable[[Callable, Case], str | None] | None = None
+    build_args: Callable[[tuple, dict], tuple[tuple, dict]] | None = None
 
 
 @dataclass
@@ -238,14 +243,17 @@ def call(exercise: Exercise, student: Callable, case: Case) -> Any:
     """Run the learner's function (or class) on one case and return its raw output.
 
     For ``kind="module"``: ``obj = student(*case.init_args)``, the case's ``state_dict`` is
-    loaded (strictly), then ``getattr(obj, case.method)(*args, **kwargs)`` is returned.
-    Inputs are cloned first, so a learner that modifies them in place changes nothing else.
-    Exceptions propagate (:func:`grade_function` turns them into messages).
+    loaded (strictly), then ``getattr(obj, case.method)(*args, **kwargs)`` is returned. For a
+    function, ``exercise.build_args`` (if any) prepares the arguments. Inputs are cloned
+    first, so a learner that modifies them in place changes nothing else. Exceptions
+    propagate (:func:`grade_function` turns them into messages).
     """
     args, kwargs = _clone(case.args), _clone(case.kwargs)
     if exercise.kind == "module":
         obj = _build(student, case)
         return getattr(obj, case.method)(*args, **kwargs)
+    if exercise.build_args is not None:
+        args, kwargs = exercise.build_args(args, kwargs)
     return student(*args, **kwargs)
 
 

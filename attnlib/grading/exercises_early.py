@@ -4,9 +4,11 @@
 ch.    exercise id                          reference
 =====  ==================================  ==========================================
 1      ``ElmanRNN``                         :class:`attnlib.ElmanRNN` (``forward``)
+1      ``hidden_state_gradient_norms``      :func:`attnlib.hidden_state_gradient_norms`
 2      ``softmax``                          :func:`attnlib.softmax`
 2      ``scaled_dot_product_attention``     :func:`attnlib.scaled_dot_product_attention`
 3      ``attention_weights``                :func:`attnlib.attention_weights`
+3      ``attention_entropy``                :func:`attnlib.attention_entropy`
 4      ``MultiHeadAttention.split_heads``   :class:`attnlib.MultiHeadAttention`
 4      ``MultiHeadAttention.merge_heads``   :class:`attnlib.MultiHeadAttention`
 4      ``MultiHeadAttention.forward``       :class:`attnlib.MultiHeadAttention` (incl.
@@ -15,8 +17,9 @@ ch.    exercise id                          reference
 5      ``padding_mask``                     :func:`attnlib.padding_mask`
 =====  ==================================  ==========================================
 
-Chapter 1 has one exercise: its other function, ``hidden_state_gradient_norms``, takes a
-model, which a case cannot carry across a process boundary.
+``hidden_state_gradient_norms`` takes a model, which a case cannot carry across a process
+boundary: its cases hold the model's name, constructor arguments and weights instead, and the
+exercise's ``build_args`` builds the model wherever the function is called.
 
 Module exercises load the reference's weights by name (``input_proj``/``hidden_proj``,
 ``q_proj``/``k_proj``/``v_proj``/``o_proj``), so the learner's class keeps the reference's
@@ -28,11 +31,14 @@ modules ``fn(module, *args)`` where ``module`` is built from the reference.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 import attnlib
+from attnlib.multihead import MultiHeadAttention as _MultiHeadAttention
+from attnlib.rnn import ElmanRNN as _ElmanRNN
 
 from .core import Case, Exercise, Mistake, register
 
@@ -41,10 +47,13 @@ F64 = torch.float64
 # Sections of the book the feedback points to.
 CH1_MATHS = "01_recurrence.html#a-recurrence-and-its-gradient"
 CH1_CODE = "01_recurrence.html#the-code"
+CH1_FADES = "01_recurrence.html#the-gradient-fades-geometrically-through-a-recurrence-not-through-attention"
 CH2_SOFTMAX = "02_queries_keys_values.html#a-softmax-that-cannot-overflow"
 CH2_ALL = "02_queries_keys_values.html#all-queries-at-once"
 CH3_VARIANCE = "03_scaling.html#the-variance-of-a-dot-product"
 CH3_CODE = "03_scaling.html#the-code"
+CH3_GRADIENT = "03_scaling.html#why-large-logits-stop-the-gradient"
+CH3_SATURATES = "03_scaling.html#without-the-scale-the-softmax-saturates"
 CH4_MATHS = "04_multi_head.html#the-maths"
 CH4_CODE = "04_multi_head.html#the-code"
 CH5_MATHS = "05_self_cross_masks.html#the-maths"
@@ -248,8 +257,114 @@ register(Exercise(
                 "tanh was applied even though the module was built with nonlinearity='relu'.",
                 CH1_CODE, _rnn_mistake(act="tanh")),
     ),
-    forbidden=NO_ATTNLIB + ("torch.nn.RNN", "torch.nn.RNNCell", "torch.rnn_tanh", "torch.rnn_relu",
-                            "torch.rnn_tanh_cell", "torch.rnn_relu_cell"),
+    # attnlib's ElmanRNN by name, not attnlib as a whole: the stub's constructor (the
+    # reference's) calls attnlib's input checks, which a call watcher would count.
+    forbidden=("attnlib.ElmanRNN", "attnlib.rnn.ElmanRNN", "torch.nn.RNN", "torch.nn.RNNCell", "torch.rnn_tanh",
+               "torch.rnn_relu", "torch.rnn_tanh_cell", "torch.rnn_relu_cell"),
+))
+
+
+# --------------------------------------------------------------------------- chapter 1: gradient norms
+
+# The models a case may name, bound here: while a learner's code runs, attnlib's public names
+# are blocked, and build_args runs then too.
+_GRAD_MODELS: dict[str, object] = {
+    "ElmanRNN": _ElmanRNN,
+    "MultiHeadAttention": _MultiHeadAttention,
+    "LSTM": lambda input_size, hidden_size: nn.LSTM(input_size, hidden_size, batch_first=True),
+}
+
+
+def _build_model(spec: dict) -> nn.Module:
+    """The float64 model a case describes by name, constructor arguments and weights."""
+    with torch.random.fork_rng(devices=[]):  # weight init must not move the global RNG
+        model = _GRAD_MODELS[spec["model"]](*spec["init_args"])
+    model = model.to(F64)
+    model.load_state_dict(spec["state_dict"], strict=True)
+    return model
+
+
+def _model_args(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """build_args of hidden_state_gradient_norms: the first argument becomes the model."""
+    spec, *rest = args
+    return (_build_model(spec), *rest), kwargs
+
+
+def _grad_case(name: str, seed: int, model: str, init_args: tuple, x_shape: tuple[int, ...], *,
+               w_std: float = 1.0) -> Case:
+    sd = _state_dict(_GRAD_MODELS[model], init_args, seed)
+    sd = {k: v * w_std for k, v in sd.items()}
+    spec = {"model": model, "init_args": init_args, "state_dict": sd}
+    return Case(name, (spec, _randn(*x_shape, seed=seed + 1)))
+
+
+def _grad_cases(hidden: bool) -> list[Case]:
+    if not hidden:
+        return [
+            _grad_case("Elman RNN (tanh), T=8, x of shape (T, input_size)", 40, "ElmanRNN", (3, 5), (8, 3),
+                       w_std=1.5),
+            _grad_case("Elman RNN (relu), x of shape (1, T, input_size)", 41, "ElmanRNN", (4, 4, "relu"),
+                       (1, 6, 4)),
+            _grad_case("one attention layer (MultiHeadAttention, 2 heads): returns a tensor, not a tuple",
+                       42, "MultiHeadAttention", (4, 2, None, False), (1, 6, 4)),
+        ]
+    return [
+        _grad_case("T=1", 140, "ElmanRNN", (3, 4), (1, 3)),
+        _grad_case("hidden_size=1", 141, "ElmanRNN", (3, 1), (7, 3)),
+        _grad_case("input_size=1", 142, "ElmanRNN", (1, 5), (9, 1)),
+        _grad_case("torch.nn.LSTM (batch_first=True), T=7", 143, "LSTM", (3, 4), (1, 7, 3)),
+        _grad_case("large recurrent weights (exploding), T=12", 144, "ElmanRNN", (2, 6), (12, 2), w_std=3.0),
+        _grad_case("attention with biases, 1 head, T=10", 145, "MultiHeadAttention", (6, 1, None, True),
+                   (10, 6)),
+    ]
+
+
+def _grad_variant(*, target: str = "last", rows: bool = True, norm: str = "fro"):
+    """hidden_state_gradient_norms with one thing changed: the output differentiated
+    (``target``), the full Jacobian or one backward pass of the sum (``rows``), the norm."""
+    def hidden_state_gradient_norms(model: nn.Module, x: Tensor) -> Tensor:
+        x = (x.unsqueeze(0) if x.ndim == 2 else x).detach().requires_grad_(True)  # (1, T, input_size)
+        out = model(x)
+        out = out[0] if isinstance(out, tuple) else out  # (1, T, hidden)
+        h = out[0, -1] if target == "last" else out[0, 0]  # (hidden,)
+        if rows:
+            blocks = torch.stack([torch.autograd.grad(h[i], x, retain_graph=True)[0][0]
+                                  for i in range(h.numel())])  # (hidden, T, input_size)
+        else:
+            blocks = torch.autograd.grad(h.sum(), x)[0]  # (1, T, input_size): the rows summed
+        if norm == "spectral":
+            return torch.linalg.matrix_norm(blocks.transpose(0, 1), ord=2)  # (T,)
+        squares = blocks.pow(2).sum(dim=(0, 2))  # (T,)
+        return squares if norm == "squared" else squares.sqrt()
+    return hidden_state_gradient_norms
+
+
+register(Exercise(
+    id="hidden_state_gradient_norms",
+    chapter=1,
+    reference=attnlib.hidden_state_gradient_norms,
+    section=CH1_MATHS,
+    make_cases=_grad_cases,
+    build_args=_model_args,
+    mistakes=(
+        Mistake("gradient of sum(h_T) instead of the Jacobian",
+                "one backward pass of h_T.sum() gives the sum of the Jacobian's rows, not the "
+                "Jacobian d h_T / d x_t: the components of h_T cancel each other. Take one "
+                "backward pass per component of h_T (or torch.autograd.functional.jacobian).",
+                CH1_MATHS, _grad_variant(rows=False)),
+        Mistake("the first position's output instead of h_T",
+                "out[0, 0] is h_1; the question is how h_T, the output at the last position, "
+                "depends on every input: out[0, -1].", CH1_CODE, _grad_variant(target="first")),
+        Mistake("squared norms",
+                "the Frobenius norm is the square root of the sum of the squared entries; the "
+                "square root was missing.", CH1_CODE, _grad_variant(norm="squared")),
+        Mistake("spectral norm instead of the Frobenius norm",
+                "each (hidden, input_size) block was measured by its largest singular value; the "
+                "course measures it by the Frobenius norm, the root of the sum of its squared "
+                "entries.", CH1_FADES, _grad_variant(norm="spectral")),
+    ),
+    # the function by name, not attnlib as a whole: the models the learner calls are attnlib's
+    forbidden=("attnlib.hidden_state_gradient_norms", "attnlib.rnn.hidden_state_gradient_norms"),
 ))
 
 
@@ -459,6 +574,84 @@ register(Exercise(
     mistakes=tuple(Mistake(n, e, s, _weights_mistake(**v))
                    for n, e, s, v in _ATTENTION_MISTAKES + _WEIGHTS_ONLY_MISTAKES),
     forbidden=NO_ATTNLIB + NO_FUSED,
+))
+
+
+# --------------------------------------------------------------------------- chapter 3: entropy
+
+
+def _weights_rows(seed: int, *shape: int, std: float = 1.0, dtype: torch.dtype = F64) -> Tensor:
+    """Random attention weights: a softmax of random scores along the last axis."""
+    return _softmax(_randn(*shape, seed=seed, std=std)).to(dtype)
+
+
+def _entropy_cases(hidden: bool) -> list[Case]:
+    masked = _weights_rows(51, 2, 2, 4, 6)
+    keep = _rand_bool(2, 2, 4, 6, seed=52)
+    masked = masked * keep / (masked * keep).sum(-1, keepdim=True)  # masked keys: exact zeros
+    masked[1, 0, 2] = 0.0  # a fully masked row: every weight 0
+    one_hot = torch.eye(5, dtype=F64)[torch.tensor([3, 0, 4])]  # (3, 5)
+    mixed = torch.cat([one_hot, _weights_rows(53, 2, 5), torch.zeros(1, 5, dtype=F64)])  # (6, 5)
+    if not hidden:
+        return [
+            Case("weights (B, H, L, S) = (2, 3, 4, 6)", (_weights_rows(50, 2, 3, 4, 6),)),
+            Case("one-hot rows and a fully masked (all-zero) row", (mixed,)),
+            Case("masked keys (zero weights), 4-D", (masked,)),
+            Case("dim=-2 (keys on the second-to-last axis)",
+                 (_weights_rows(54, 2, 3, 7).transpose(-2, -1),), {"dim": -2}),
+            Case("bfloat16 weights (2, 8, 64)", (_weights_rows(55, 2, 8, 64, std=2.0, dtype=torch.bfloat16),),
+                 low_precision=True),
+        ]
+    tiny = _weights_rows(152, 3, 6, std=30.0)  # saturated rows: weights down to ~1e-100
+    return [
+        Case("one key (S=1): entropy 0", (torch.ones(2, 3, 1, dtype=F64),)),
+        Case("uniform rows over S=16 keys: entropy ln 16", (torch.full((4, 16), 1 / 16, dtype=F64),)),
+        Case("a single row (1-D)", (_weights_rows(150, 9),)),
+        Case("dim=0", (_weights_rows(151, 5, 3).T.contiguous(),), {"dim": 0}),
+        Case("saturated rows with tiny weights", (tiny,)),
+        Case("masked keys, dim=3 of a 4-D tensor", (masked,), {"dim": 3}),
+        Case("float16 weights (3, 40)", (_weights_rows(153, 3, 40, std=3.0, dtype=torch.float16),),
+             low_precision=True),
+    ]
+
+
+def _entropy_variant(*, guard: bool = True, log: Callable[[Tensor], Tensor] = torch.log, sign: float = -1.0,
+                     last_axis: bool = False):
+    """attention_entropy with one thing changed (for the mistakes)."""
+    def attention_entropy(weights: Tensor, dim: int = -1) -> Tensor:
+        p = weights.float() if weights.dtype in (torch.float16, torch.bfloat16) else weights
+        if guard:
+            terms = torch.where(p > 0, p * log(torch.where(p > 0, p, torch.ones_like(p))), torch.zeros_like(p))
+        else:
+            terms = p * log(p)  # 0 * log(0) = 0 * -inf = NaN
+        return (sign * terms.sum(dim=-1 if last_axis else dim)).to(weights.dtype)
+    return attention_entropy
+
+
+register(Exercise(
+    id="attention_entropy",
+    chapter=3,
+    reference=attnlib.attention_entropy,
+    section=CH3_GRADIENT,
+    make_cases=_entropy_cases,
+    mistakes=(
+        Mistake("0 ln 0 computed as NaN",
+                "a zero weight (a masked key, a one-hot row) gives 0 * log(0) = 0 * -inf = NaN; "
+                "its term is 0, the limit of p ln p as p -> 0.", CH3_GRADIENT,
+                _entropy_variant(guard=False)),
+        Mistake("log base 2 instead of the natural log",
+                "the entropy was computed in bits (log2); the course measures it in nats (ln), so "
+                "that uniform weights over S keys give ln S.", CH3_GRADIENT,
+                _entropy_variant(log=torch.log2)),
+        Mistake("the minus sign forgotten",
+                "sum p ln p is negative (each ln p <= 0); the entropy is -sum p ln p >= 0.",
+                CH3_GRADIENT, _entropy_variant(sign=1.0)),
+        Mistake("dim argument ignored",
+                "the sum ran over the last axis whatever dim was; the keys may sit on another axis.",
+                CH3_SATURATES, _entropy_variant(last_axis=True)),
+    ),
+    forbidden=NO_ATTNLIB + ("torch.special.entr", "torch.xlogy", "torch.special.xlogy", "torch.Tensor.xlogy",
+                            "torch.distributions.Categorical"),
 ))
 
 

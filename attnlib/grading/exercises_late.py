@@ -2,13 +2,18 @@
 
 Importing this module registers (see :func:`attnlib.grading.core.register`):
 
-* chapter 6: ``repeat_kv``, ``kv_cache_bytes``, ``KVCache.update``;
+* chapter 6: ``repeat_kv``, ``kv_cache_bytes``, ``KVCache.update``, ``MultiHeadAttention``
+  (the learner's ``MultiHeadAttention.forward`` with ``n_kv_heads < n_heads`` and a KV
+  cache; chapter 4 grades the same method with ``n_kv_heads=None`` under the id
+  ``MultiHeadAttention.forward``, and ids are unique: like ``ElmanRNN``, the id is the class
+  and the cases' ``method`` is ``"forward"``);
 * chapter 7: ``sinusoidal_positional_encoding``, ``apply_rope``, ``alibi_slopes``,
   ``alibi_bias``;
 * chapter 8: ``attention_score_bytes``, ``attention_flops`` (from :mod:`attnlib.cost`);
-* chapter 9: ``flash_attention`` (with a check that no ``L x S`` tensor is ever built);
+* chapter 9: ``flash_attention`` and ``flash_attention_backward`` (both with a check that no
+  ``L x S`` tensor is ever built);
 * chapter 10: ``sliding_window_mask``, ``longformer_mask``, ``linear_attention``;
-* chapter 11: ``patchify``.
+* chapter 11: ``patchify``, ``unpatchify``.
 
 Every case is deterministic (its own seeded ``torch.Generator``) and float64 unless it is
 about a dtype. Each catalogued mistake is a small wrong implementation with the
@@ -20,12 +25,16 @@ Note on ``KVCache.update``: a case calls one method once, and on a fresh cache `
 only hands its inputs back. So the case checks that first call, and the exercise's
 ``extra_check`` then drives a fresh instance of the learner's class through several
 updates and judges every returned ``(key, value)`` with :func:`~attnlib.grading.core.judge`
-against the reference driven the same way (mistakes named as usual).
+against the reference driven the same way (mistakes named as usual). The GQA forward does
+the same for decoding with a :class:`~attnlib.KVCache`, which a case cannot carry: its
+cache cases check the full causal pass, then the learner's module decodes the same tokens
+in chunks through one cache, every chunk's output judged against the reference's.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -35,11 +44,12 @@ from torch import Tensor
 
 from .._validate import compute_dtype
 from ..cost import attention_flops, attention_score_bytes
-from ..flash import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, flash_attention
+from ..flash import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, flash_attention, flash_attention_backward
 from ..gqa import repeat_kv
 from ..kv_cache import KVCache, kv_cache_bytes
 from ..linear import elu_feature_map, linear_attention
 from ..measure import ShapeRecorder
+from ..multihead import MultiHeadAttention
 from ..positional import (
     alibi_bias,
     alibi_slopes,
@@ -48,7 +58,7 @@ from ..positional import (
     sinusoidal_positional_encoding,
 )
 from ..sparse import longformer_mask, sliding_window_mask
-from ..vision import patchify
+from ..vision import patchify, unpatchify
 from .core import Case, Exercise, Mistake, judge, register
 
 F64 = torch.float64
@@ -368,6 +378,277 @@ register(Exercise(
     forbidden=("attnlib",),
     mistakes=_KV_CACHE_MISTAKES,
     extra_check=_kv_several_updates,
+))
+
+# ----------------------------------------------------------------------------- GQA forward
+
+
+def _gqa_attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, attn_mask: Tensor | None) -> Tensor:
+    """softmax(q k^T / sqrt(head_dim) + masks) v with zero weights for a fully masked row;
+    ``allowed`` is a boolean (L, S) mask or None (for the mistakes; attnlib is not called)."""
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, H, L, S)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, -math.inf)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, -math.inf) if attn_mask.dtype == torch.bool \
+            else scores + attn_mask
+    peak = scores.amax(dim=-1, keepdim=True)
+    e = torch.exp(scores - torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak)))
+    total = e.sum(dim=-1, keepdim=True)
+    return (e / torch.where(total == 0, torch.ones_like(total), total)) @ v  # (B, H, L, D)
+
+
+def _kv_head_of(n_heads: int, n_kv_heads: int, rule: str) -> Tensor:
+    """Which KV head each query head reads: ``h // n_rep`` (right), ``h % n_kv_heads`` (tiled)
+    or ``h // n_kv_heads`` (group size and group count confused)."""
+    h = torch.arange(n_heads)
+    return {"interleave": h // (n_heads // n_kv_heads), "tile": h % n_kv_heads,
+            "by-count": h // n_kv_heads}[rule]
+
+
+def _gqa_variant(m: MultiHeadAttention, x: Tensor, context: Tensor | None = None,
+                 attn_mask: Tensor | None = None, is_causal: bool = False, kv_cache: Any = None, *,
+                 k_rule: str = "interleave", v_rule: str = "interleave", cache: str = "ok") -> Tensor:
+    """MultiHeadAttention.forward (no RoPE) with one ingredient changed. ``cache``: "ok",
+    "ignored" (as if no cache were given), "top-left" (the chunk's causal mask not offset
+    by the cached length) or "offset-after-update" (the offset read after appending)."""
+    B, L, _ = x.shape
+    source = x if context is None else context
+
+    def split(t: Tensor, heads: int) -> Tensor:
+        return t.reshape(B, t.size(1), heads, m.head_dim).transpose(1, 2)  # (B, heads, len, head_dim)
+
+    q = split(m.q_proj(x), m.n_heads)  # (B, H, L, D)
+    k = split(m.k_proj(source), m.n_kv_heads)  # (B, H_kv, S_new, D)
+    v = split(m.v_proj(source), m.n_kv_heads)  # (B, H_kv, S_new, D)
+    allowed = None
+    if kv_cache is not None and cache != "ignored":
+        offset = kv_cache.seq_len
+        k, v = kv_cache.update(k, v)  # (B, H_kv, S, D)
+        shift = {"ok": offset, "top-left": 0, "offset-after-update": kv_cache.seq_len}[cache]
+        allowed = torch.ones(L, k.size(-2), dtype=torch.bool).tril(shift)  # (L, S)
+    elif is_causal:
+        allowed = torch.ones(L, k.size(-2), dtype=torch.bool).tril()  # (L, S), top-left
+    k = k[:, _kv_head_of(m.n_heads, m.n_kv_heads, k_rule)]  # (B, H, S, D)
+    v = v[:, _kv_head_of(m.n_heads, m.n_kv_heads, v_rule)]  # (B, H, S, D)
+    y = _gqa_attend(q, k, v, allowed, attn_mask)  # (B, H, L, D)
+    return m.o_proj(y.transpose(1, 2).reshape(B, L, -1))  # (B, L, d_model)
+
+
+def _gqa_mistake(**variant: Any) -> Callable[..., Tensor]:
+    def forward(m: MultiHeadAttention, x: Tensor, context: Tensor | None = None,
+                attn_mask: Tensor | None = None, is_causal: bool = False, kv_cache: Any = None) -> Tensor:
+        return _gqa_variant(m, x, context, attn_mask, is_causal, kv_cache, **variant)
+    return forward
+
+
+def _mha_state_dict(init_args: tuple, seed: int, bias_scale: float = 4.0) -> dict[str, Tensor]:
+    """Seeded float64 weights for MultiHeadAttention(*init_args), N(0, 1/fan_in); biases
+    away from zero so that each one matters."""
+    with torch.device("meta"):
+        shapes = {k: t.shape for k, t in MultiHeadAttention(*init_args).state_dict().items()}
+    out = {}
+    for i, (name, shape) in enumerate(sorted(shapes.items())):
+        std = 1.0 / math.sqrt(shape[-1] if len(shape) > 1 else shape[0])
+        out[name] = _randn(*shape, seed=seed * 100 + i, scale=std * (bias_scale if name.endswith("bias") else 1.0))
+    return out
+
+
+# For each cache case (by name): the chunks the tokens are decoded in, through one KV cache.
+_GQA_CACHE_PLANS: dict[str, tuple[int, ...]] = {
+    "KV cache: prefill of 4 tokens, then decoding 1 + 1 (8 heads, 2 KV heads)": (4, 1, 1),
+    "KV cache, MQA: decoding token by token from an empty cache": (1, 1, 1, 1, 1),
+    "KV cache: chunked prefill 3 + 4 + 1 + 2 (6 heads, 3 KV heads, biases)": (3, 4, 1, 2),
+}
+
+
+def _gqa_case(name: str, seed: int, B: int, L: int, d_model: int, H: int, H_kv: int, *, bias: bool = False,
+              S: int | None = None, **kwargs: Any) -> Case:
+    init_args = (d_model, H, H_kv, bias)
+    if S is not None:
+        kwargs["context"] = _randn(B, S, d_model, seed=seed + 2)
+    if name in _GQA_CACHE_PLANS:
+        assert sum(_GQA_CACHE_PLANS[name]) == L and kwargs == {"is_causal": True}, name
+    return Case(name, (_randn(B, L, d_model, seed=seed + 1),), kwargs, init_args=init_args,
+                state_dict=_mha_state_dict(init_args, seed))
+
+
+def _bool_mask(L: int, S: int, seed: int) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(L, S, generator=g) < 0.6
+    mask[:, 0] = True  # no row fully masked by accident
+    return mask
+
+
+def _gqa_cases(hidden: bool) -> list[Case]:
+    if not hidden:
+        return [
+            _gqa_case("GQA: 4 query heads, 2 KV heads, self-attention", 800, 2, 5, 16, 4, 2),
+            _gqa_case("MQA: 4 query heads, 1 KV head, is_causal", 801, 2, 6, 8, 4, 1, is_causal=True),
+            _gqa_case("6 query heads, 3 KV heads (n_rep = 2), bool mask, biases", 802, 2, 5, 12, 6, 3, bias=True,
+                      attn_mask=_bool_mask(5, 5, 803)),
+            _gqa_case("8 query heads, 2 KV heads, cross-attention L = 3, S = 7", 804, 2, 3, 16, 8, 2, S=7),
+            _gqa_case("KV cache: prefill of 4 tokens, then decoding 1 + 1 (8 heads, 2 KV heads)", 805, 2, 6, 16,
+                      8, 2, is_causal=True),
+        ]
+    return [
+        _gqa_case("L = 1 (one query), 4 heads, 2 KV heads", 810, 2, 1, 8, 4, 2),
+        _gqa_case("MQA with 8 heads, float mask", 811, 1, 5, 16, 8, 1, attn_mask=_randn(5, 5, seed=812)),
+        _gqa_case("n_kv_heads = n_heads = 4 (plain MHA)", 813, 2, 4, 8, 4, 4, is_causal=True),
+        _gqa_case("MQA cross-attention, L = 4, S = 6, padding mask", 814, 3, 4, 8, 4, 1, S=6,
+                  attn_mask=(torch.arange(6)[None, :] < torch.tensor([6, 3, 1])[:, None])[:, None, None, :]),
+        _gqa_case("cross-attention L = 5 > S = 2, 6 heads, 2 KV heads (n_rep = 3), biases", 815, 2, 5, 12, 6, 2,
+                  bias=True, S=2),
+        _gqa_case("is_causal and a bool mask, 8 heads, 4 KV heads", 816, 2, 6, 16, 8, 4, is_causal=True,
+                  attn_mask=_bool_mask(6, 6, 817)),
+        _gqa_case("head_dim = 1 (d_model = n_heads = 4), 2 KV heads", 818, 2, 4, 4, 4, 2),
+        _gqa_case("KV cache, MQA: decoding token by token from an empty cache", 819, 1, 5, 8, 4, 1, is_causal=True),
+        _gqa_case("KV cache: chunked prefill 3 + 4 + 1 + 2 (6 heads, 3 KV heads, biases)", 820, 2, 10, 12, 6, 3,
+                  bias=True, is_causal=True),
+    ]
+
+
+def _build_module(cls: Callable[..., Any], case: Case) -> Any:
+    """``cls(*case.init_args)`` with the case's float64 weights (the global RNG untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        module = cls(*case.init_args)
+    module = module.to(F64)
+    module.load_state_dict({k: t.clone() for k, t in case.state_dict.items()}, strict=True)
+    return module
+
+
+def _decode(cls: Callable[..., Any], case: Case, step: int, x: Tensor) -> Tensor:
+    """Build ``cls`` with the case's weights, decode ``x`` chunk by chunk (the case's plan)
+    through one fresh KV cache with ``is_causal=True``, and return chunk ``step``'s output."""
+    module = _build_module(cls, case)
+    cache = KVCache()
+    bounds = [0, *itertools.accumulate(_GQA_CACHE_PLANS[case.name])]
+    out: Any = None
+    for a, b in list(zip(bounds, bounds[1:]))[: step + 1]:
+        out = module(x[:, a:b], is_causal=True, kv_cache=cache)
+    return out
+
+
+def _as_class(fn: Callable[..., Tensor]) -> type:
+    """A method-style mistake ``fn(module, *args)`` as a subclass of the reference."""
+    return type("MistakenMultiHeadAttention", (MultiHeadAttention,),
+                {"forward": lambda self, *a, _fn=fn, **k: _fn(self, *a, **k)})
+
+
+def _decode_step_exercise(case: Case, step: int) -> Exercise:
+    """A throw-away function exercise (never registered) judging chunk ``step`` of the
+    decoding of ``case``; the reference and every mistake decode the same way."""
+    return Exercise(
+        id=f"MultiHeadAttention.forward with a KV cache (chunk {step + 1})",
+        chapter=6,
+        reference=functools.partial(_decode, MultiHeadAttention, case, step),
+        section=f"{CH6}#incremental-decoding-reproduces-the-full-forward-pass",
+        make_cases=lambda hidden: [],
+        mistakes=tuple(Mistake(m.name, m.explanation, m.section,
+                               functools.partial(_decode, _as_class(m.fn), case, step))
+                       for m in _GQA_MISTAKES),
+    )
+
+
+def _gqa_decoding(student: Callable[..., Any], case: Case) -> str | None:
+    """For the cache cases: decode the case's tokens chunk by chunk through one KV cache with
+    the learner's module; judge every chunk's output, then the size of what was cached."""
+    plan = _GQA_CACHE_PLANS.get(case.name)
+    if plan is None:
+        return None
+    x = case.args[0]
+    module = _build_module(student, case)
+    cache = KVCache()
+    bounds = [0, *itertools.accumulate(plan)]
+    for step, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        where = (f"decoding with a KV cache, chunk {step + 1} of {len(plan)} (chunks of "
+                 f"{' + '.join(map(str, plan))} tokens, forward(x_chunk, is_causal=True, kv_cache=cache))")
+        try:
+            out = module(x[:, a:b].clone(), is_causal=True, kv_cache=cache)
+        except Exception as exc:  # the learner's code may raise anything
+            return f"{where} raised {type(exc).__name__}: {exc}"
+        result = judge(_decode_step_exercise(case, step), Case(case.name, (x,)), out)
+        if not result.passed:
+            return f"{where}: {result.message}"
+    n_kv = case.init_args[2]
+    if cache.key is None or cache.key.size(-3) != n_kv or cache.value.size(-3) != n_kv:
+        got = None if cache.key is None else tuple(cache.key.shape)
+        return (f"after decoding, the KV cache holds keys of shape {got}; it must keep "
+                f"n_kv_heads = {n_kv} heads, (B, n_kv_heads, S, head_dim): append k and v to the cache "
+                f"before repeating them for the query heads, or GQA saves no memory. See {CH6}#the-maths.")
+    return None
+
+
+_GQA_MISTAKES = (
+    Mistake(
+        "KV heads tiled with repeat instead of repeat_interleave",
+        "Tiling ([0, 1, 0, 1, ...]) makes query head h read KV head h % n_kv_heads; in GQA "
+        "consecutive query heads share a KV head ([0, 0, 1, 1, ...]): query head h reads KV "
+        "head h // (n_heads // n_kv_heads).",
+        f"{CH6}#the-head-mapping-interleave-do-not-tile",
+        _gqa_mistake(k_rule="tile", v_rule="tile"),
+    ),
+    Mistake(
+        "query head h paired with KV head h // n_kv_heads",
+        "The divisor is the group size n_rep = n_heads // n_kv_heads (query heads per KV "
+        "head), not the number of groups n_kv_heads; the two agree only when n_heads = "
+        "n_kv_heads ** 2.",
+        f"{CH6}#the-maths",
+        _gqa_mistake(k_rule="by-count", v_rule="by-count"),
+    ),
+    Mistake(
+        "values tiled while the keys are interleaved",
+        "Keys and values must be repeated the same way: query head h attends with KV head "
+        "g(h)'s keys and averages the same head's values. Here the values were tiled "
+        "(repeat) and the keys interleaved (repeat_interleave).",
+        f"{CH6}#the-head-mapping-interleave-do-not-tile",
+        _gqa_mistake(v_rule="tile"),
+    ),
+    Mistake(
+        "KV cache ignored",
+        "With a cache, the new keys and values are appended to it (kv_cache.update) and the "
+        "new queries attend to every cached position; attending to the new tokens alone "
+        "forgets the prefix.",
+        f"{CH6}#incremental-decoding-reproduces-the-full-forward-pass",
+        _gqa_mistake(cache="ignored"),
+    ),
+    Mistake(
+        "causal mask not offset by the cached length",
+        "With offset = cache.seq_len positions already cached, new token i sits at position "
+        "offset + i and sees keys 0 .. offset + i: a bottom-right aligned mask, "
+        "torch.ones(L, offset + L).tril(offset). The top-left mask of is_causal hides the "
+        "cache from the new tokens.",
+        f"{CH6}#incremental-decoding-reproduces-the-full-forward-pass",
+        _gqa_mistake(cache="top-left"),
+    ),
+    Mistake(
+        "cache offset read after the update",
+        "The offset is the number of positions cached before this chunk: read kv_cache.seq_len "
+        "before kv_cache.update. Read after it, the mask lets every new token see the whole "
+        "chunk, later tokens included.",
+        f"{CH6}#incremental-decoding-reproduces-the-full-forward-pass",
+        _gqa_mistake(cache="offset-after-update"),
+    ),
+)
+
+
+register(Exercise(
+    id="MultiHeadAttention",
+    chapter=6,
+    reference=MultiHeadAttention,
+    kind="module",
+    section=f"{CH6}#the-maths",
+    make_cases=_gqa_cases,
+    # What does the head mapping for the learner, by name: the learner's forward calls
+    # attnlib's KVCache (the grader's cache) and its constructor attnlib's input checks.
+    forbidden=("attnlib.MultiHeadAttention", "attnlib.multihead.MultiHeadAttention", "attnlib.repeat_kv",
+               "attnlib.gqa.repeat_kv", "attnlib.scaled_dot_product_attention",
+               "attnlib.attention.scaled_dot_product_attention", "attnlib.attention_weights",
+               "attnlib.attention.attention_weights", "torch.nn.MultiheadAttention",
+               "torch.nn.functional.multi_head_attention_forward",
+               "torch.nn.functional.scaled_dot_product_attention"),
+    mistakes=_GQA_MISTAKES,
+    extra_check=_gqa_decoding,
 ))
 
 # =============================================================================== chapter 7
@@ -994,9 +1275,18 @@ def _flash_cases(hidden: bool) -> list[Case]:
     ]
 
 
-def _flash_no_score_matrix(student: Callable[..., Any], case: Case) -> str | None:
-    """Run the learner's flash attention under :class:`attnlib.measure.ShapeRecorder` and
-    fail if any tensor could hold the whole ``L x S`` score matrix.
+_ONLINE_SOFTMAX_ADVICE = ("Keep one (block_q, block_k) tile of scores at a time, with the running max, sum "
+                          f"and accumulator of the online softmax. See {CH9}#the-online-softmax.")
+_RECOMPUTE_ADVICE = ("Recompute one (block_q, block_k) tile of weights at a time from its scores and lse, "
+                     "P = exp(scores - lse), and add its share to dQ, dK and dV. See "
+                     f"{CH9}#the-backward-pass-recompute-don-t-store.")
+
+
+def _flash_no_score_matrix(student: Callable[..., Any], case: Case,
+                           advice: str = _ONLINE_SOFTMAX_ADVICE) -> str | None:
+    """Run the learner's flash attention (or its backward pass) under
+    :class:`attnlib.measure.ShapeRecorder` and fail if any tensor could hold the whole
+    ``L x S`` score matrix.
 
     Checked only on the cases built for it: at least 128 queries and keys and tiles at most a
     quarter of that, so that no honest tensor (a tile, the ``(N, L)`` statistics of the
@@ -1014,9 +1304,7 @@ def _flash_no_score_matrix(student: Callable[..., Any], case: Case) -> str | Non
     big = rec.quadratic(L, S)
     if big:
         return (f"built a tensor of shape {big[0]} (L = {L}, S = {S}, blocks {block_q} x {block_k}): "
-                f"flash attention must never materialise the L x S score matrix. Keep one "
-                f"(block_q, block_k) tile of scores at a time, with the running max, sum and "
-                f"accumulator of the online softmax. See {CH9}#the-online-softmax.")
+                f"flash attention must never materialise the L x S score matrix. {advice}")
     return None
 
 
@@ -1084,6 +1372,132 @@ register(Exercise(
             "With scale=None the scores are q . k / sqrt(E), as in standard attention.",
             "03_scaling.html#the-variance-of-a-dot-product",
             _flash_variant(default_scale=False),
+        ),
+    ),
+))
+
+# ----------------------------------------------------------------------------- backward
+
+
+def _flash_bwd_variant(*, delta: bool = True, with_lse: bool = True, scale_grads: bool = True,
+                       causal: bool = True) -> Callable[..., Any]:
+    """The tiled backward pass with one thing changed: ``delta`` (the D = rowsum(dO * O)
+    term), ``with_lse`` (P from lse, or a softmax of each tile alone), ``scale_grads`` (the
+    scale in dQ and dK), ``causal`` (the mask applied to the recomputed scores)."""
+    def wrong(query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor,
+              is_causal: bool = False, scale: float | None = None, block_q: int = DEFAULT_BLOCK_Q,
+              block_k: int = DEFAULT_BLOCK_K, grad_lse: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        dtype = compute_dtype(query.dtype)
+        q, k, v, o, d_o = (t.to(dtype) for t in (query, key, value, out, grad_out))
+        row_lse = lse.to(dtype)  # (..., L)
+        L, S = q.size(-2), k.size(-2)
+        if scale is None:
+            scale = 1.0 / math.sqrt(q.size(-1))
+        d = (d_o * o).sum(dim=-1) if delta else torch.zeros_like(row_lse)  # (..., L)
+        if grad_lse is not None:
+            d = d - grad_lse.to(dtype)
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        g = scale if scale_grads else 1.0
+        for i0 in range(0, L, block_q):
+            i1 = min(i0 + block_q, L)
+            for j0 in range(0, S, block_k):
+                j1 = min(j0 + block_k, S)
+                s = (q[..., i0:i1, :] @ k[..., j0:j1, :].transpose(-2, -1)) * scale  # (..., bq, bk)
+                if is_causal and causal:
+                    future = torch.arange(j0, j1)[None, :] > torch.arange(i0, i1)[:, None]
+                    s = s.masked_fill(future, -math.inf)
+                if with_lse:
+                    p = torch.exp(s - row_lse[..., i0:i1, None])
+                else:  # a softmax of the tile alone
+                    peak = s.amax(dim=-1, keepdim=True)
+                    e = torch.exp(s - torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak)))
+                    total = e.sum(dim=-1, keepdim=True)
+                    p = e / torch.where(total == 0, torch.ones_like(total), total)
+                dv[..., j0:j1, :] += p.transpose(-2, -1) @ d_o[..., i0:i1, :]
+                ds = p * (d_o[..., i0:i1, :] @ v[..., j0:j1, :].transpose(-2, -1) - d[..., i0:i1, None])
+                dq[..., i0:i1, :] += g * (ds @ k[..., j0:j1, :])
+                dk[..., j0:j1, :] += g * (ds.transpose(-2, -1) @ q[..., i0:i1, :])
+        return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype)
+    return wrong
+
+
+def _flash_bwd_cases(hidden: bool) -> list[Case]:
+    def case(name: str, lead: tuple[int, ...], L: int, S: int, E: int, Ev: int, seed: int, *,
+             with_grad_lse: bool = False, logit_scale: float = 1.0, **kwargs: Any) -> Case:
+        q = _randn(*lead, L, E, seed=seed, scale=logit_scale)
+        k = _randn(*lead, S, E, seed=seed + 1, scale=logit_scale)
+        v = _randn(*lead, S, Ev, seed=seed + 2)
+        forward = {n: kwargs[n] for n in ("is_causal", "scale", "block_q", "block_k") if n in kwargs}
+        out, lse = flash_attention(q, k, v, **forward, return_lse=True)
+        if with_grad_lse:
+            kwargs["grad_lse"] = _randn(*lead, L, seed=seed + 4)
+        return Case(name, (q, k, v, out, lse, _randn(*lead, L, Ev, seed=seed + 3)), kwargs)
+    if not hidden:
+        return [
+            case("L = S = 8, blocks 4 x 4", (2, 2), 8, 8, 4, 3, 900, block_q=4, block_k=4),
+            case("causal, L = S = 10, blocks 4 x 3 (ragged)", (2, 2), 10, 10, 4, 4, 905, is_causal=True,
+                 block_q=4, block_k=3),
+            case("L = 5, S = 9, scale = 0.3, grad_lse given, blocks 2 x 4", (2, 1), 5, 9, 4, 2, 910,
+                 with_grad_lse=True, scale=0.3, block_q=2, block_k=4),
+            case("L = S = 256, blocks 32 x 32 (no L x S tensor allowed)", (1, 2), 256, 256, 8, 8, 915,
+                 block_q=32, block_k=32),
+        ]
+    return [
+        case("blocks larger than L and S", (2, 2), 5, 7, 4, 3, 920, block_q=64, block_k=64),
+        case("L = 1, S = 13, blocks 1 x 5", (1, 3), 1, 13, 6, 6, 925, block_q=1, block_k=5),
+        case("causal, L = 9 > S = 5, blocks 4 x 2", (1, 2), 9, 5, 4, 4, 930, is_causal=True,
+             block_q=4, block_k=2),
+        case("causal, L = 6 < S = 11, blocks 4 x 4", (1, 2), 6, 11, 4, 4, 935, is_causal=True,
+             block_q=4, block_k=4),
+        case("large logits (scores in the hundreds), blocks 3 x 3", (1, 2), 7, 8, 4, 4, 940, logit_scale=12.0,
+             scale=1.0, block_q=3, block_k=3),
+        case("causal + grad_lse, L = S = 11, blocks 3 x 4", (2, 2), 11, 11, 4, 5, 945, with_grad_lse=True,
+             is_causal=True, block_q=3, block_k=4),
+        case("3-D inputs (N, L, E), default blocks", (3,), 6, 6, 4, 4, 950),
+        case("causal, L = S = 200, blocks 48 x 40 (no L x S tensor allowed)", (1, 1), 200, 200, 4, 4, 955,
+             is_causal=True, block_q=48, block_k=40),
+    ]
+
+
+register(Exercise(
+    id="flash_attention_backward",
+    chapter=9,
+    reference=flash_attention_backward,
+    section=f"{CH9}#the-backward-pass-recompute-don-t-store",
+    make_cases=_flash_bwd_cases,
+    forbidden=("attnlib", "torch.nn.functional.scaled_dot_product_attention", "torch.autograd.grad",
+               "torch.autograd.backward", "torch.Tensor.backward"),
+    extra_check=functools.partial(_flash_no_score_matrix, advice=_RECOMPUTE_ADVICE),
+    mistakes=(
+        Mistake(
+            "the D = rowsum(dO * O) term forgotten",
+            "The softmax's Jacobian gives dS = P * (dP - D) with D_i = dO_i . O_i (minus grad_lse "
+            "when it is given); dS = P * dP leaves out the term that keeps each row of dS summing "
+            "to zero.",
+            f"{CH9}#the-backward-pass-recompute-don-t-store",
+            _flash_bwd_variant(delta=False),
+        ),
+        Mistake(
+            "each tile's weights normalised on their own",
+            "The weights of a tile are a slice of the whole row's softmax: P = exp(scores - lse), "
+            "with the lse of the forward pass; a softmax over the tile alone makes each tile sum "
+            "to 1.",
+            f"{CH9}#the-backward-pass-recompute-don-t-store",
+            _flash_bwd_variant(with_lse=False),
+        ),
+        Mistake(
+            "dQ and dK without the scale",
+            "The scores are scale * q . k, so the chain rule multiplies dQ = dS K and dK = dS^T Q "
+            "by the scale.",
+            f"{CH9}#the-backward-pass-recompute-don-t-store",
+            _flash_bwd_variant(scale_grads=False),
+        ),
+        Mistake(
+            "causal mask left out of the recomputed scores",
+            "The recomputed tile must be masked like the forward one: a key after the query "
+            "has weight 0, exp(-inf - lse), and must not receive a gradient.",
+            f"{CH9}#the-backward-pass-recompute-don-t-store",
+            _flash_bwd_variant(causal=False),
         ),
     ),
 ))
@@ -1422,6 +1836,85 @@ register(Exercise(
             "must be moved together with a permute first.",
             f"{CH11}#the-maths",
             _patchify_variant((), no_permute=True),
+        ),
+    ),
+))
+
+
+def _unpatchify_variant(grid: tuple[str, ...], order: tuple[int, ...]) -> Callable[..., Tensor]:
+    """Reshape the patches to the 6 axes named by ``grid`` (from "h", "w", "C", "p1", "p2"
+    after the batch axis), permute by ``order`` and reshape to (B, C, H, W); ``order = ()``
+    reshapes straight to the image."""
+    def wrong(patches: Tensor, patch_size: int, height: int, width: int) -> Tensor:
+        B, N, P = patches.shape
+        p = patch_size
+        C = P // (p * p)
+        if not order:
+            return patches.reshape(B, C, height, width)
+        sizes = {"h": height // p, "w": width // p, "C": C, "p1": p, "p2": p}
+        x = patches.reshape(B, *(sizes[a] for a in grid)).permute(*order)
+        return x.reshape(B, C, height, width)
+    return wrong
+
+
+def _unpatchify_cases(hidden: bool) -> list[Case]:
+    def case(name: str, B: int, C: int, H: int, W: int, p: int, seed: int, **kw: Any) -> Case:
+        patches = patchify(_randn(B, C, H, W, seed=seed), p)  # (B, N, C * p * p)
+        return Case(name, (patches, p, H, W), kw)
+    if not hidden:
+        return [
+            case("B = 2, C = 3, 8 x 12 image, p = 4", 2, 3, 8, 12, 4, 770),
+            case("B = 1, C = 2, 6 x 6 image, p = 3", 1, 2, 6, 6, 3, 771),
+        ]
+    g = torch.Generator().manual_seed(772)
+    return [
+        case("p = 1", 1, 2, 3, 4, 1, 773),
+        case("one patch (p = H = W)", 2, 3, 5, 5, 5, 774),
+        case("grey-scale (C = 1), 4 x 10, p = 2", 2, 1, 4, 10, 2, 775),
+        case("tall image 12 x 4, p = 4, keywords", 1, 3, 12, 4, 4, 776),
+        Case("uint8 patches", (torch.randint(0, 256, (1, 6, 27), generator=g, dtype=torch.uint8), 3, 6, 9)),
+        Case("height and width as keywords, 6 x 4, p = 2", (_randn(2, 6, 12, seed=777), 2),
+             {"height": 6, "width": 4}),
+    ]
+
+
+register(Exercise(
+    id="unpatchify",
+    chapter=11,
+    reference=unpatchify,
+    section=f"{CH11}#the-code",
+    make_cases=_unpatchify_cases,
+    forbidden=("attnlib", "torch.nn.functional.fold", "torch.nn.Fold"),
+    mistakes=(
+        Mistake(
+            "patchify's permutation reused",
+            "patchify moves the axes (B, C, H/p, p, W/p, p) by permute(0, 2, 4, 1, 3, 5); the "
+            "inverse takes (B, H/p, W/p, C, p, p) back by the inverse permutation, (0, 3, 1, 4, 2, 5), "
+            "not by the same one.",
+            f"{CH11}#the-code",
+            _unpatchify_variant(("h", "w", "C", "p1", "p2"), (0, 2, 4, 1, 3, 5)),
+        ),
+        Mistake(
+            "patch vectors read in (p, p, C) order",
+            "Each patch vector is laid out channel first, (C, p, p), as patchify writes it; "
+            "reading it as (p, p, C) scatters the channels over the pixels.",
+            f"{CH11}#the-code",
+            _unpatchify_variant(("h", "w", "p1", "p2", "C"), (0, 5, 1, 3, 2, 4)),
+        ),
+        Mistake(
+            "patches placed in column-major order",
+            "Patch n sits at row n // (W / p) and column n % (W / p) of the patch grid (left to "
+            "right, then top to bottom); this filled the grid column by column.",
+            f"{CH11}#an-image-is-a-sequence-of-patches",
+            _unpatchify_variant(("w", "h", "C", "p1", "p2"), (0, 3, 2, 4, 1, 5)),
+        ),
+        Mistake(
+            "a reshape without a permute",
+            "patches.reshape(B, C, H, W) pours the numbers back in memory order, which is not "
+            "the order of the image: the patch axes must be moved next to the pixel axes with a "
+            "permute first.",
+            f"{CH11}#the-maths",
+            _unpatchify_variant((), ()),
         ),
     ),
 ))
