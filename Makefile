@@ -11,7 +11,7 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 JOBS ?= 2
 
-.PHONY: book test unit site-test browser bench release clean venv
+.PHONY: book test unit site-test browser bench bench-grading release clean venv
 
 venv: $(STAMP)
 
@@ -45,6 +45,10 @@ release: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/attention_bench.py
+
+# Grades a synthetic class of 200 submissions: submissions per minute, overhead per notebook.
+bench-grading: $(STAMP)
+	$(BIN)/python benchmarks/grading_bench.py
 
 clean:
 	rm -rf _build $(VENV)

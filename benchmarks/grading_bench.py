@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--assignment", default="02_queries_keys_values")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--sample", type=int, default=12, help="notebooks timed one at a time for the overhead")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per sampled notebook (the fastest counts)")
     args = parser.parse_args(argv)
 
     from attnlib.grading.classroom import grade_class
@@ -144,13 +145,17 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for student, kind in students[::step][: args.sample]:
             path = root / "submitted" / student / args.assignment / f"{args.assignment}.ipynb"
-            t0 = time.perf_counter()
-            subprocess.run([sys.executable, "-c", BASELINE, str(path), pairs], check=True,
-                           env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MPLBACKEND="Agg"))
-            baseline = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            report = grade_notebook(path, source=root / "solutions" / args.assignment / path.name)
-            graded = time.perf_counter() - t0
+            # best of --repeats runs each, alternating, so that a noisy moment hits both alike
+            baseline = graded = float("inf")
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                subprocess.run([sys.executable, "-c", BASELINE, str(path), pairs], check=True,
+                               stdout=subprocess.DEVNULL,
+                               env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MPLBACKEND="Agg"))
+                baseline = min(baseline, time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                report = grade_notebook(path, source=root / "solutions" / args.assignment / path.name)
+                graded = min(graded, time.perf_counter() - t0)
             rows.append({"student": student, "kind": kind, "score": report.score,
                          "baseline_s": round(baseline, 3), "graded_s": round(graded, 3),
                          "overhead_s": round(graded - baseline, 3)})
@@ -162,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     overhead = [r["overhead_s"] for r in rows]
     summary = {
         "assignment": args.assignment, "students": args.students, "jobs": args.jobs,
+        "overhead_sample": len(rows), "repeats": args.repeats,
         "mix": {k: share for k, share in KINDS},
         "class_seconds": round(class_s, 1), "submissions_per_minute": round(per_minute, 1),
         "mean_score_by_kind": {k: statistics.mean(v) for k, v in by_kind.items()},
@@ -202,19 +208,21 @@ def _plot(rows: list[dict], summary: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    x = range(len(rows))
-    base = [r["baseline_s"] for r in rows]
-    over = [r["overhead_s"] for r in rows]
-    ax.bar(x, base, label="running the learner's code (plain interpreter)")
-    ax.bar(x, over, bottom=base, label="grader overhead (sandbox, files, judging)")
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    x = list(range(len(rows)))
+    w = 0.4
+    ax.bar([i - w / 2 for i in x], [r["baseline_s"] for r in rows], w,
+           label="plain interpreter: the learner's code on the same cases")
+    ax.bar([i + w / 2 for i in x], [r["graded_s"] for r in rows], w,
+           label="attnlib grade: sandboxed child, files, judging")
     ax.axhline(summary["plain_run_seconds_median"] + summary["target_overhead_seconds"], color="k", ls="--",
-               lw=1, label="median plain run + 3 s target")
-    ax.set_xticks(list(x), [f"{r['student'][-3:]}\n{r['kind'].split()[0]}" for r in rows], fontsize=7)
-    ax.set_ylabel("seconds per notebook")
+               lw=1, label="median plain run + 3 s (the target)")
+    ax.set_xticks(x, [f"{r['student'][-3:]}\n{r['kind'].split()[0]}" for r in rows], fontsize=7)
+    ax.set_ylabel("seconds per notebook (best of %d)" % summary["repeats"])
     ax.set_title(f"{summary['students']} submissions, {summary['jobs']} jobs: "
-                 f"{summary['submissions_per_minute']:.0f} per minute", fontsize=10)
-    ax.legend(fontsize=7, loc="upper right")
+                 f"{summary['submissions_per_minute']:.0f} per minute; median overhead "
+                 f"{summary['overhead_seconds']['median']:.2f} s", fontsize=10)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False)
     fig.tight_layout()
     fig.savefig(RESULTS / "grading.png", dpi=120)
 
