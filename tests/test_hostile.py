@@ -655,10 +655,9 @@ def test_hidden_source_cannot_be_reached_by_a_graded_function(tmp_path: Path) ->
         return torch.softmax(x, dim) if 'hidden=True' in data else x
     """
     report = grade_notebook(_probe_notebook(tmp_path / "p", code), source=SOURCE, **FAST)
-    if not isolated(report):
-        pytest.skip(f"no namespaces here: {report.sandbox.get('problems')}")
-    assert items(report)["test_softmax"].points == 0
-    assert "wrong values" in items(report)["test_softmax"].feedback
+    if isolated(report):
+        assert items(report)["test_softmax"].points == 0
+        assert "wrong values" in items(report)["test_softmax"].feedback
     else:  # the source is readable, but torch.softmax is forbidden here anyway
         assert items(report)["test_softmax"].points == 0
     assert report.score == 4
