@@ -215,6 +215,31 @@ def _bind(source: str, target: str, readonly: bool) -> None:
     remount(target, readonly)
 
 
+def _open_kept(keep: list[str], parent: str) -> dict[str, tuple[int, bool]]:
+    """``keep`` paths under ``parent``, opened (``O_PATH``) before a tmpfs covers them:
+    path -> (descriptor, is a directory)."""
+    kept = [k for k in keep if _under(k, parent) and k != parent and os.path.exists(k)]
+    return {k: (os.open(k, os.O_PATH), os.path.isdir(k)) for k in kept}
+
+
+def _bind_back(kept: dict[str, tuple[int, bool]], close: dict | None = None) -> None:
+    """Bind each kept path (opened by :func:`_open_kept`) back, read-only, at its old place
+    on the fresh tmpfs that now covers it; closes the descriptors (and those of ``close``)."""
+    close = {**kept, **(close or {})}
+    try:
+        for k, (fd, is_dir) in sorted(kept.items()):
+            if is_dir:
+                os.makedirs(k, exist_ok=True)
+            else:
+                os.makedirs(os.path.dirname(k), exist_ok=True)
+                if not os.path.exists(k):
+                    open(k, "w").close()
+            _bind(f"/proc/self/fd/{fd}", k, True)
+    finally:
+        for fd, _ in close.values():
+            os.close(fd)
+
+
 def _hide(path: str, keep: list[str], report: dict) -> None:
     """An empty tmpfs over a directory (``keep`` paths under it bound back read-only), or
     ``/dev/null`` over a file."""
@@ -225,24 +250,14 @@ def _hide(path: str, keep: list[str], report: dict) -> None:
         remount(path, True, MS_NODEV)
         report["hidden"].append(path)
         return
-    kept = [k for k in keep if _under(k, path) and k != path and os.path.exists(k)]
-    fds = {k: os.open(k, os.O_PATH) for k in kept}
-    is_dir = {k: os.path.isdir(k) for k in kept}  # before the tmpfs hides them
+    kept = _open_kept(keep, path)
     try:
         _tmpfs(path, "64k", "0755" if kept else "0000")
-        for k in kept:
-            rel = os.path.relpath(k, path)
-            target = os.path.join(path, rel)
-            if is_dir[k]:
-                os.makedirs(target, exist_ok=True)
-            else:
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                open(target, "w").close()
-            _bind(f"/proc/self/fd/{fds[k]}", target, True)
-        remount(path, True)
-    finally:
-        for fd in fds.values():
-            os.close(fd)
+    except OSError:
+        _bind_back({}, close=kept)
+        raise
+    _bind_back(kept)
+    remount(path, True)
     report["hidden"].append(path)
 
 
@@ -277,12 +292,17 @@ def _setup_mounts(cfg: dict, report: dict) -> int:
     # directories live there) and /dev/shm
     report["private_tmp"] = True
     for path in sorted(set(cfg.get("scratch", [])) | {os.path.dirname(workdir)}):
+        # a course checked out under /tmp: its venv and attnlib are bound back on the fresh tmpfs
+        kept = _open_kept(cfg.get("keep", []), path)
         try:
             os.makedirs(path, exist_ok=True)  # under a tmpfs mounted just before
             _tmpfs(path, cfg.get("scratch_size", "256m") if path != "/dev/shm" else "64m", "1777")
         except OSError as exc:
             report["private_tmp"] = False
             report["problems"].append(f"no private {path} ({exc.strerror})")
+            _bind_back({}, close=kept)  # still in place: nothing to bind back
+            continue
+        _bind_back(kept)
     for sub in ("submission", "home", "tmp", "grader"):
         os.makedirs(os.path.join(workdir, sub), exist_ok=True)
     with open(notebook, "wb") as f:
