@@ -240,6 +240,24 @@ def _bind_back(kept: dict[str, tuple[int, bool]], close: dict | None = None) -> 
             os.close(fd)
 
 
+def _restore_under(scratch: str, kept: dict[str, tuple[int, bool]]) -> None:
+    """After a fresh tmpfs covered ``scratch``: bind the kept paths that were under it back,
+    each inside a read-only skeleton (a course checked out in /tmp: ``/tmp/course`` holds
+    its ``.venv`` and ``attnlib`` again, read-only, and nothing else)."""
+    tops: dict[str, dict[str, tuple[int, bool]]] = {}
+    for k, v in kept.items():
+        top = os.path.join(scratch, os.path.relpath(k, scratch).split(os.sep)[0])
+        tops.setdefault(top, {})[k] = v
+    for top, group in sorted(tops.items()):
+        if top in group:  # the kept path itself: bound read-only, what is under it with it
+            _bind_back(group)
+            continue
+        os.makedirs(top, exist_ok=True)
+        _tmpfs(top, "64k", "0755")
+        _bind_back(group)
+        remount(top, True)
+
+
 def _hide(path: str, keep: list[str], report: dict) -> None:
     """An empty tmpfs over a directory (``keep`` paths under it bound back read-only), or
     ``/dev/null`` over a file."""
@@ -302,7 +320,7 @@ def _setup_mounts(cfg: dict, report: dict) -> int:
             report["problems"].append(f"no private {path} ({exc.strerror})")
             _bind_back({}, close=kept)  # still in place: nothing to bind back
             continue
-        _bind_back(kept)
+        _restore_under(path, kept)
     for sub in ("submission", "home", "tmp", "grader"):
         os.makedirs(os.path.join(workdir, sub), exist_ok=True)
     with open(notebook, "wb") as f:
