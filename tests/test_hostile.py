@@ -19,6 +19,7 @@ import copy
 import hashlib
 import json
 import os
+import tempfile
 import textwrap
 import threading
 import time
@@ -864,6 +865,43 @@ def test_watcher_notices_being_switched_off() -> None:
         assert torch.softmax is not None
     finally:
         child._watchers.remove(watcher)
+
+
+def test_course_under_a_scratch_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A course checked out under /tmp (as a CI clone may be): the fresh tmpfs over /tmp also
+    covers the course's venv and attnlib. They come back read-only, the child still starts
+    in its namespaces, and the rest of the course stays out of reach. Simulated here by
+    making the course's parent folder one of the scratch folders."""
+    root = runner.repo_root()
+    if root.parent == Path("/"):
+        pytest.skip("the course sits at the top of the file system")
+    code = f"""
+        import os
+        import attnlib
+        for p in ({str(root / "solutions")!r}, {str(root / "tools")!r}):
+            try:
+                print("PROBE READ", p, len(os.listdir(p)))
+            except OSError as exc:
+                print("PROBE DENIED", p, exc.strerror)
+        for p in (os.path.dirname(attnlib.__file__), {str(root)!r}):
+            try:
+                open(os.path.join(p, "tampered.txt"), "w").write("x")
+                print("PROBE WROTE", p)
+            except OSError as exc:
+                print("PROBE DENIED-WRITE", p, exc.strerror)
+        """
+    path = _probe_notebook(tmp_path / "p", code, wrong=False)
+    plain = grade_notebook(path, source=SOURCE, **FAST)
+    if not isolated(plain):
+        pytest.skip(f"no namespaces here: {plain.sandbox.get('problems')}")
+    scratch = sorted({tempfile.gettempdir(), "/tmp", "/dev/shm", str(root.parent)})
+    monkeypatch.setattr(runner, "_sandbox_options", lambda: {"scratch": scratch})
+    report = grade_notebook(path, source=SOURCE, **FAST)
+    assert report.score == 6, report.notes
+    assert isolated(report), report.sandbox
+    probes = [line for line in report.log.splitlines() if line.startswith("PROBE")]
+    assert len(probes) == 4 and all("DENIED" in line for line in probes), probes
+    assert not (root / "attnlib" / "tampered.txt").exists() and not (root / "tampered.txt").exists()
 
 
 def test_namespaces_without_mounts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -23,7 +23,9 @@ hide. The script then:
      first process of the namespace ends, the kernel kills every process the notebook left;
    * mounts: every existing mount is made read-only; the temporary directory that holds
      the private directory (``/tmp``) and ``/dev/shm`` get fresh, size-limited tmpfs
-     mounts (so other submissions' private directories are not visible); the private
+     mounts (so other submissions' private directories are not visible; ``keep`` paths
+     that were under them, as for a course checked out in ``/tmp``, come back read-only
+     inside a read-only skeleton); the private
      directory is rebuilt there with a copy of the submission, and only its ``grader/``
      folder (the job, the cases, the outputs) is the parent's; every path to hide gets an
      empty tmpfs (a directory; ``keep`` paths under it, such as the ``attnlib`` package and
