@@ -878,12 +878,14 @@ def test_course_under_a_scratch_directory(tmp_path: Path, monkeypatch: pytest.Mo
     code = f"""
         import os
         import attnlib
+        readable = False
         for p in ({str(root / "solutions")!r}, {str(root / "tools")!r}):
             try:
                 print("PROBE READ", p, len(os.listdir(p)))
+                readable = True
             except OSError as exc:
                 print("PROBE DENIED", p, exc.strerror)
-        for p in (os.path.dirname(attnlib.__file__), {str(root)!r}):
+        for p in () if readable else (os.path.dirname(attnlib.__file__), {str(root)!r}):
             try:
                 open(os.path.join(p, "tampered.txt"), "w").write("x")
                 print("PROBE WROTE", p)
@@ -891,7 +893,7 @@ def test_course_under_a_scratch_directory(tmp_path: Path, monkeypatch: pytest.Mo
                 print("PROBE DENIED-WRITE", p, exc.strerror)
         """
     path = _probe_notebook(tmp_path / "p", code, wrong=False)
-    plain = grade_notebook(path, source=SOURCE, **FAST)
+    plain = grade_notebook(_probe_notebook(tmp_path / "plain", "pass", wrong=False), source=SOURCE, **FAST)
     if not isolated(plain):
         pytest.skip(f"no namespaces here: {plain.sandbox.get('problems')}")
     scratch = sorted({tempfile.gettempdir(), "/tmp", "/dev/shm", str(root.parent)})
@@ -900,7 +902,7 @@ def test_course_under_a_scratch_directory(tmp_path: Path, monkeypatch: pytest.Mo
     assert report.score == 6, report.notes
     assert isolated(report), report.sandbox
     probes = [line for line in report.log.splitlines() if line.startswith("PROBE")]
-    assert len(probes) == 4 and all("DENIED" in line for line in probes), probes
+    assert all("DENIED" in line for line in probes) and len(probes) == 4, probes
     assert not (root / "attnlib" / "tampered.txt").exists() and not (root / "tampered.txt").exists()
 
 
