@@ -29,11 +29,19 @@ book: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile tests --ignore=tests/site
 
-# Debian's Chromium for the site test (Playwright drives it; it never downloads a browser).
+# Debian's Chromium for the site test (Playwright drives it; it never downloads a browser),
+# and axe-core (npm, pinned in tests/site/package-lock.json) for its accessibility checks.
+AXE := tests/site/node_modules/axe-core/axe.min.js
+
 browser:
 	@command -v chromium >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }
+	@command -v npm >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q npm; }
 
-site-test: $(STAMP) browser
+$(AXE): tests/site/package.json tests/site/package-lock.json
+	cd tests/site && npm ci --no-audit --no-fund --loglevel=error
+	touch $(AXE)
+
+site-test: $(STAMP) browser $(AXE)
 	$(BIN)/python -m pytest tests/site
 
 test: unit book site-test

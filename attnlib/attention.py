@@ -1,10 +1,13 @@
 """Scaled dot-product attention, written out by hand.
 
-Taught in chapter 2 (queries, keys and values), chapter 3 (the 1/sqrt(d_k) scale, and the
-entropy of the weights that shows what it prevents) and chapter 5 (masks). Every function
-here is checked against PyTorch in ``tests/test_attention.py``: the attention functions
-against ``torch.nn.functional.scaled_dot_product_attention``, the entropy against
-``torch.special.entr``.
+Taught in chapter 2 (queries, keys and values), chapter 3 (the 1/sqrt(d_k) scale, and
+the entropy of the weights that shows what it prevents) and chapter 5 (masks). Every
+function here is checked against PyTorch in ``tests/test_attention.py``: the attention
+functions against ``torch.nn.functional.scaled_dot_product_attention``, the entropy
+against ``torch.special.entr``.
+
+Each public function checks its arguments and then calls a private core that holds only
+the idea (``_softmax``, ``_weights``, ``_attention``): the book shows the cores.
 
 Conventions (the same as PyTorch's fused function):
 
@@ -48,15 +51,22 @@ def softmax(x: Tensor, dim: int = -1) -> Tensor:
     """
     check_tensor(x, "x", min_ndim=0)
     check_floating(x, "x")
-    z = x.to(compute_dtype(x.dtype))
-    row_max = z.amax(dim=dim, keepdim=True).detach()  # shift: any constant gives the same result
+    return _softmax(x, dim)
+
+
+def _softmax(x: Tensor, dim: int) -> Tensor:
+    """softmax without the checks: shift by the row maximum, exponentiate, normalise."""
+    z = x.to(compute_dtype(x.dtype))  # fp16/bf16 are computed in fp32
+    row_max = z.amax(dim=dim, keepdim=True).detach()  # any constant c: the same result
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    e = torch.exp(z - row_max)
-    total = e.sum(dim=dim, keepdim=True)
-    return (e / torch.where(total == 0, torch.ones_like(total), total)).to(x.dtype)
+    e = torch.exp(z - row_max)  # every exponent <= 0: no overflow
+    total = e.sum(dim=dim, keepdim=True)  # >= 1, unless the whole row is -inf
+    total = torch.where(total == 0, torch.ones_like(total), total)  # masked row: 0 / 1
+    return (e / total).to(x.dtype)
 
 
-def _check_qkv(query: Tensor, key: Tensor, value: Tensor | None, enable_gqa: bool) -> None:
+def _check_qkv(query: Tensor, key: Tensor, value: Tensor | None,
+               enable_gqa: bool) -> None:
     check_tensor(query, "query", min_ndim=2)
     check_tensor(key, "key", min_ndim=2)
     check_floating(query, "query")
@@ -65,7 +75,8 @@ def _check_qkv(query: Tensor, key: Tensor, value: Tensor | None, enable_gqa: boo
         check_tensor(value, "value", min_ndim=2)
     for name, t in tensors.items():
         if t.dtype != query.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but query has {query.dtype}; they must match")
+            raise TypeError(f"{name} has dtype {t.dtype} but query has {query.dtype}; "
+                            "they must match")
         if t.ndim != query.ndim:
             raise ValueError(
                 f"query and {name} must have the same number of dimensions, got "
@@ -87,9 +98,48 @@ def _check_qkv(query: Tensor, key: Tensor, value: Tensor | None, enable_gqa: boo
         hq, hkv = query.size(-3), key.size(-3)
         if hkv == 0 or hq % hkv != 0:
             raise ValueError(
-                f"enable_gqa: the number of query heads ({hq}) must be a multiple of the "
+                f"enable_gqa: the number of query heads ({hq}) must be a multiple of "
+                f"the "
                 f"number of key/value heads ({hkv})"
             )
+
+
+def _check_mask(query: Tensor, key: Tensor, attn_mask: Tensor | None,
+                enable_gqa: bool) -> None:
+    """Raise if ``attn_mask`` is not bool/float or does not broadcast to the scores."""
+    if attn_mask is None:
+        return
+    key_batch = tuple(key.shape[:-2])
+    if enable_gqa:  # the key heads are repeated up to the query heads
+        key_batch = (*key_batch[:-1], query.size(-3))
+    try:
+        batch = torch.broadcast_shapes(query.shape[:-2], key_batch)
+    except RuntimeError:
+        return  # q @ k^T raises PyTorch's own error, as it always has
+    check_tensor(attn_mask, "attn_mask", min_ndim=0)
+    scores_shape = torch.Size((*batch, query.size(-2), key.size(-2)))  # (..., L, S)
+    try:
+        shape = torch.broadcast_shapes(attn_mask.shape, scores_shape)
+    except RuntimeError:
+        shape = None
+    if shape != scores_shape:
+        raise ValueError(
+            f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to the "
+            f"scores' shape {tuple(scores_shape)} (..., L, S)"
+        )
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise TypeError(
+            f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
+
+
+def _check_args(query: Tensor, key: Tensor, value: Tensor | None,
+                attn_mask: Tensor | None, enable_gqa: bool,
+                dropout_p: float = 0.0) -> None:
+    """Every argument check of the public attention functions, in one place."""
+    _check_qkv(query, key, value, enable_gqa)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    _check_mask(query, key, attn_mask, enable_gqa)
 
 
 def attention_weights(
@@ -118,19 +168,13 @@ def attention_weights(
         ``(..., L, S)`` weights in the query's dtype; each row sums to 1, or is all
         zeros if every key of that row is masked.
     """
-    _check_qkv(query, key, None, enable_gqa)
+    _check_args(query, key, None, attn_mask, enable_gqa)
     return _weights(query, key, attn_mask, is_causal, scale, enable_gqa).to(query.dtype)
 
 
-def _weights(
-    query: Tensor,
-    key: Tensor,
-    attn_mask: Tensor | None,
-    is_causal: bool,
-    scale: float | None,
-    enable_gqa: bool,
-) -> Tensor:
-    """attention_weights without the checks, in the compute dtype (fp32 for fp16/bf16)."""
+def _weights(query: Tensor, key: Tensor, attn_mask: Tensor | None, is_causal: bool,
+             scale: float | None, enable_gqa: bool) -> Tensor:
+    """softmax(q k^T * scale + mask), unchecked, in fp32 for fp16/bf16 inputs."""
     dtype = compute_dtype(query.dtype)
     q, k = query.to(dtype), key.to(dtype)
     if enable_gqa:
@@ -140,24 +184,11 @@ def _weights(
     scores = (q @ k.transpose(-2, -1)) * scale  # (..., L, S)
     if is_causal:
         scores = scores.masked_fill(~causal_mask(L, S, device=q.device), float("-inf"))
-    if attn_mask is not None:
-        check_tensor(attn_mask, "attn_mask", min_ndim=0)
-        try:
-            shape = torch.broadcast_shapes(attn_mask.shape, scores.shape)
-        except RuntimeError:
-            shape = None
-        if shape != scores.shape:
-            raise ValueError(
-                f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to the "
-                f"scores' shape {tuple(scores.shape)} (..., L, S)"
-            )
-        if attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))  # True = may attend
-        elif attn_mask.is_floating_point():
-            scores = scores + attn_mask.to(dtype)  # float masks are added
-        else:
-            raise TypeError(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
-    return softmax(scores, dim=-1)
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))  # True = may attend
+    elif attn_mask is not None:
+        scores = scores + attn_mask.to(dtype)  # float masks are added
+    return _softmax(scores, dim=-1)  # (..., L, S), each row sums to 1
 
 
 def scaled_dot_product_attention(
@@ -189,13 +220,19 @@ def scaled_dot_product_attention(
     Returns:
         ``(..., L, Ev)`` in the query's dtype. fp16/bf16 are computed in fp32.
     """
-    _check_qkv(query, key, value, enable_gqa)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    weights = _weights(query, key, attn_mask, is_causal, scale, enable_gqa)  # (..., L, S)
+    _check_args(query, key, value, attn_mask, enable_gqa, dropout_p)
+    return _attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                      enable_gqa, generator)
+
+
+def _attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None,
+               dropout_p: float, is_causal: bool, scale: float | None, enable_gqa: bool,
+               generator: torch.Generator | None) -> Tensor:
+    """scaled_dot_product_attention without the checks: the weights times the values."""
+    weights = _weights(query, key, attn_mask, is_causal, scale, enable_gqa)
     if dropout_p > 0.0:
-        keep = torch.rand(weights.shape, generator=generator, device=weights.device) >= dropout_p
-        weights = weights * keep / (1.0 - dropout_p)
+        draw = torch.rand(weights.shape, generator=generator, device=weights.device)
+        weights = weights * (draw >= dropout_p) / (1.0 - dropout_p)  # inverted dropout
     v = value.to(weights.dtype)
     if enable_gqa:
         v = repeat_kv(v, query.size(-3) // v.size(-3))  # (..., H_q, S, Ev)
@@ -224,6 +261,7 @@ def attention_entropy(weights: Tensor, dim: int = -1) -> Tensor:
     check_floating(weights, "weights")
     p = weights.to(compute_dtype(weights.dtype))
     positive = p > 0
-    safe = torch.where(positive, p, torch.ones_like(p))  # log(1) = 0 where p = 0: no -inf, no NaN
-    terms = torch.where(positive, -p * torch.log(safe), torch.zeros_like(p))  # 0 ln 0 = 0
+    safe = torch.where(positive, p, torch.ones_like(p))  # log 1 = 0 where p = 0
+    zero = torch.zeros_like(p)
+    terms = torch.where(positive, -p * torch.log(safe), zero)  # 0 ln 0 = 0
     return terms.sum(dim=dim).to(weights.dtype)

@@ -1,9 +1,11 @@
-"""What attention costs: the bytes of the score matrix and the FLOPs of its products (chapter 8).
+"""What attention costs: the bytes of the score matrix and the FLOPs of its products
+(chapter 8).
 
 Two closed forms from chapter 8, "The maths":
 
-* :func:`attention_score_bytes`: one ``(B, H, L, S)`` matrix of scores ``Z`` (or of weights
-  ``P``, the same size) takes ``b * B * H * L * S`` bytes, ``b`` bytes per element;
+* :func:`attention_score_bytes`: one ``(B, H, L, S)`` matrix of scores ``Z`` (or of
+  weights ``P``, the same size) takes ``b * B * H * L * S`` bytes, ``b`` bytes per
+  element;
 * :func:`attention_flops`: the two matrix products ``Q K^T`` and ``P V`` take
   ``2 * L * S * (head_dim + head_dim_v)`` FLOPs per (batch element, head), which is
   ``4 * L * S * head_dim`` when values and keys have the same width.
@@ -21,7 +23,8 @@ from ._validate import check_positive_int
 
 def _check_dtype(dtype: object) -> torch.dtype:
     if not isinstance(dtype, torch.dtype):
-        raise TypeError(f"dtype must be a torch.dtype such as torch.float32, got {dtype!r}")
+        raise TypeError(
+            f"dtype must be a torch.dtype such as torch.float32, got {dtype!r}")
     return dtype
 
 
@@ -98,5 +101,8 @@ def attention_flops(
     check_positive_int(head_dim, "head_dim")
     check_positive_int(n_heads, "n_heads")
     check_positive_int(batch, "batch")
-    head_dim_v = head_dim if head_dim_v is None else check_positive_int(head_dim_v, "head_dim_v")
+    if head_dim_v is None:
+        head_dim_v = head_dim
+    else:
+        head_dim_v = check_positive_int(head_dim_v, "head_dim_v")
     return batch * n_heads * 2 * L * S * (head_dim + head_dim_v)

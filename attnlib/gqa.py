@@ -25,8 +25,13 @@ def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
     """
     check_tensor(x, "x", min_ndim=3)
     check_positive_int(n_rep, "n_rep")
+    return _repeat_kv(x, n_rep)
+
+
+def _repeat_kv(x: Tensor, n_rep: int) -> Tensor:
+    """The work of :func:`repeat_kv`: each KV head repeated in place ``n_rep`` times."""
     if n_rep == 1:
         return x
     *batch, n_kv, s, d = x.shape
-    expanded = x.unsqueeze(-3).expand(*batch, n_kv, n_rep, s, d)  # (..., n_kv, n_rep, S, D)
-    return expanded.reshape(*batch, n_kv * n_rep, s, d)  # (..., n_kv * n_rep, S, D)
+    expanded = x.unsqueeze(-3).expand(*batch, n_kv, n_rep, s, d)  # (.., kv, rep, S, D)
+    return expanded.reshape(*batch, n_kv * n_rep, s, d)  # (.., n_kv * n_rep, S, D)

@@ -84,4 +84,11 @@ def kv_cache_bytes(
     check_positive_int(seq_len, "seq_len", allow_zero=True)
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype such as torch.float16, got {dtype!r}")
-    return 2 * n_layers * n_kv_heads * head_dim * seq_len * batch * dtype.itemsize
+    return _kv_cache_bytes(n_layers, n_kv_heads, head_dim, seq_len, batch, dtype)
+
+
+def _kv_cache_bytes(n_layers: int, n_kv_heads: int, head_dim: int, seq_len: int,
+                    batch: int, dtype: torch.dtype) -> int:
+    """The count of :func:`kv_cache_bytes`, once its arguments are checked."""
+    per_token = 2 * n_layers * n_kv_heads * head_dim  # K and V, per KV head and layer
+    return per_token * seq_len * batch * dtype.itemsize

@@ -54,30 +54,37 @@ def elu_feature_map(x: Tensor) -> Tensor:
     return torch.where(x > 0, x + 1.0, torch.exp(x.clamp(max=0.0)))
 
 
-def _causal_linear(q: Tensor, k: Tensor, v: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
+def _causal_linear(
+    q: Tensor, k: Tensor, v: Tensor, chunk: int
+) -> tuple[Tensor, Tensor]:
     """Numerators and normalisers of causal linear attention, chunk by chunk.
 
-    ``q``, ``k``: ``(..., L, E')`` features (already through phi); ``v``: ``(..., L, Ev)``.
-    Inside a chunk the ``(c, c)`` lower-triangular weights are used directly; everything
-    before the chunk is summarised by the running state ``sum_j phi(k_j) v_j^T`` and the
-    running normaliser ``sum_j phi(k_j)``, taken as exclusive cumulative sums over chunks.
+    ``q``, ``k``: ``(..., L, E')`` features (through phi); ``v``: ``(..., L, Ev)``.
+    Inside a chunk the ``(c, c)`` lower-triangular weights are used directly; all
+    that comes before the chunk is summarised by the running state
+    ``sum_j phi(k_j) v_j^T`` and normaliser ``sum_j phi(k_j)``, exclusive cumulative
+    sums over the chunks.
     Returns ``(..., L, Ev)`` numerators and ``(..., L, 1)`` normalisers.
     """
     L = q.size(-2)
+    if L == 0:
+        return q.new_zeros(*q.shape[:-1], v.size(-1)), q.new_zeros(*q.shape[:-1], 1)
     nc = math.ceil(L / chunk)
-    pad = nc * chunk - L  # zero features at the end: they add nothing to any sum
-    q = torch.nn.functional.pad(q, (0, 0, 0, pad)).unflatten(-2, (nc, chunk))  # (..., nc, c, E')
-    k = torch.nn.functional.pad(k, (0, 0, 0, pad)).unflatten(-2, (nc, chunk))  # (..., nc, c, E')
-    v = torch.nn.functional.pad(v, (0, 0, 0, pad)).unflatten(-2, (nc, chunk))  # (..., nc, c, Ev)
+
+    def chunks(x: Tensor) -> Tensor:  # (..., L, E) -> (..., nc, c, E), zero-padded
+        x = torch.nn.functional.pad(x, (0, 0, 0, nc * chunk - L))
+        return x.unflatten(-2, (nc, chunk))
+
+    q, k, v = chunks(q), chunks(k), chunks(v)  # zero features add nothing to sums
 
     # Within each chunk: the small quadratic form, keys j <= i only.
-    tril = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()  # (c, c)
+    tril = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
     a = (q @ k.transpose(-2, -1)).masked_fill(~tril, 0.0)  # (..., nc, c, c)
     num = a @ v  # (..., nc, c, Ev)
     den = a.sum(dim=-1, keepdim=True)  # (..., nc, c, 1)
 
     # Across chunks: the state of every chunk, summed over the chunks before it.
-    state = k.transpose(-2, -1) @ v  # (..., nc, E', Ev): sum over the chunk of phi(k) v^T
+    state = k.transpose(-2, -1) @ v  # (..., nc, E', Ev): chunk sums of phi(k) v^T
     state = state.cumsum(dim=-3) - state  # (..., nc, E', Ev): exclusive prefix sum
     norm = k.sum(dim=-2, keepdim=True)  # (..., nc, 1, E')
     norm = norm.cumsum(dim=-3) - norm  # (..., nc, 1, E'): exclusive prefix sum
@@ -147,21 +154,25 @@ def linear_attention(
             f"the key; they must match"
         )
 
-    L, S = q.size(-2), k.size(-2)
-    if not causal:
+    return _linear_attention(q, k, v, causal).to(query.dtype)
+
+
+def _linear_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
+    """The core of :func:`linear_attention`, on features q = phi(Q), k = phi(K)."""
+    if causal:
+        num, den = _causal_linear(q, *_causal_keys(k, v, q.size(-2)), CHUNK_SIZE)
+    else:
         state = k.transpose(-2, -1) @ v  # (..., E', Ev): sum_j phi(k_j) v_j^T
         norm = k.sum(dim=-2)  # (..., E'): sum_j phi(k_j)
         num = q @ state  # (..., L, Ev)
         den = q @ norm.unsqueeze(-1)  # (..., L, 1)
-    else:
-        if S > L:  # top-left causal: keys past the last query are never seen
-            k, v = k[..., :L, :], v[..., :L, :]
-        elif S < L:  # queries past the last key see every key: pad with zero features
-            k = torch.nn.functional.pad(k, (0, 0, 0, L - S))  # (..., L, E')
-            v = torch.nn.functional.pad(v, (0, 0, 0, L - S))  # (..., L, Ev)
-        if L == 0:
-            num, den = q.new_zeros(*q.shape[:-1], v.size(-1)), q.new_zeros(*q.shape[:-1], 1)
-        else:
-            num, den = _causal_linear(q, k, v, CHUNK_SIZE)  # (..., L, Ev), (..., L, 1)
-    out = num / torch.where(den == 0, torch.ones_like(den), den)  # (..., L, Ev)
-    return out.to(query.dtype)
+    return num / torch.where(den == 0, torch.ones_like(den), den)  # (..., L, Ev)
+
+
+def _causal_keys(k: Tensor, v: Tensor, L: int) -> tuple[Tensor, Tensor]:
+    """Keys and values aligned top-left with ``L`` queries: cut or zero-padded."""
+    S = k.size(-2)
+    if S > L:  # keys past the last query are never seen
+        return k[..., :L, :], v[..., :L, :]
+    pad = torch.nn.functional.pad  # queries past the last key see all keys
+    return pad(k, (0, 0, 0, L - S)), pad(v, (0, 0, 0, L - S))  # length L

@@ -13,7 +13,9 @@ from torch import Tensor
 from ._validate import check_positive_int, check_tensor
 
 
-def causal_mask(L: int, S: int | None = None, device: torch.device | str | None = None) -> Tensor:
+def causal_mask(
+    L: int, S: int | None = None, device: torch.device | str | None = None
+) -> Tensor:
     """The causal mask: query ``i`` may attend to keys ``0..i`` (chapter 5).
 
     Aligned top-left, exactly as ``is_causal=True`` in PyTorch: with ``S > L`` the last
@@ -27,8 +29,7 @@ def causal_mask(L: int, S: int | None = None, device: torch.device | str | None 
     Returns:
         ``(L, S)`` boolean tensor, broadcastable against ``(B, H, L, S)`` scores.
     """
-    check_positive_int(L, "L", allow_zero=True)
-    S = L if S is None else check_positive_int(S, "S", allow_zero=True)
+    S = _valid_sizes(L, S)  # S defaults to L
     return torch.ones(L, S, dtype=torch.bool, device=device).tril()
 
 
@@ -45,6 +46,19 @@ def padding_mask(lengths: Tensor, S: int) -> Tensor:
         ``(B, H, L, S)`` scores. A sequence of length 0 masks every key, so its rows get
         zero weights (see :func:`attnlib.attention_weights`).
     """
+    _validate_lengths(lengths, S)
+    positions = torch.arange(S, device=lengths.device)  # (S,)
+    return (positions[None, :] < lengths[:, None])[:, None, None, :]  # (B, 1, 1, S)
+
+
+def _valid_sizes(L: int, S: int | None) -> int:
+    """Check the sizes of :func:`causal_mask`; return ``S`` (``None``: ``L``)."""
+    check_positive_int(L, "L", allow_zero=True)
+    return L if S is None else check_positive_int(S, "S", allow_zero=True)
+
+
+def _validate_lengths(lengths: Tensor, S: int) -> None:
+    """The argument checks of :func:`padding_mask`."""
     check_tensor(lengths, "lengths", min_ndim=1)
     if lengths.ndim != 1 or lengths.is_floating_point() or lengths.dtype == torch.bool:
         raise ValueError(
@@ -54,5 +68,3 @@ def padding_mask(lengths: Tensor, S: int) -> Tensor:
     check_positive_int(S, "S", allow_zero=True)
     if bool((lengths < 0).any()) or bool((lengths > S).any()):
         raise ValueError(f"every length must be between 0 and S={S}, got {lengths.tolist()}")
-    positions = torch.arange(S, device=lengths.device)  # (S,)
-    return (positions[None, :] < lengths[:, None])[:, None, None, :]  # (B, 1, 1, S)

@@ -1,4 +1,6 @@
-"""Measuring cost: wall time and peak tensor memory of a call (chapters 1, 6, 8, 9, 10).
+"""Measuring cost: wall time, CPU time, FLOPs and peak tensor memory of a call, and the
+growth rate of a cost (chapters 1, 6, 8, 9, 10). Chapters import these rather than define
+their own, so that every chapter measures the same way.
 
 ``peak_memory_bytes`` counts the bytes of every tensor storage that PyTorch operations create
 while the call runs, minus those freed again, and reports the highest level reached. It is
@@ -10,9 +12,11 @@ kernel may use internally, nor memory held by Python objects; the benchmark scri
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 import weakref
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import torch
@@ -83,6 +87,70 @@ def time_call(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float
             fn()
             times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def cpu_seconds(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:
+    """Median CPU time of ``fn()`` in seconds, for this process, after ``warmup`` runs.
+
+    Unlike :func:`time_call` it does not count the time the process waits while other
+    programs use the cores, so growth rates fitted to it are steadier on a shared machine.
+    On one thread (``torch.set_num_threads(1)``) it approximates the work done.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            start = time.process_time()
+            fn()
+            times.append(time.process_time() - start)
+    return statistics.median(times)
+
+
+def loglog_slope(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Least-squares slope of ``log(y)`` against ``log(x)``: the exponent p in y ~ x^p.
+
+    A cost that grows linearly has slope 1, a quadratic one slope 2.
+    """
+    if len(xs) != len(ys) or len(xs) < 2:
+        raise ValueError(f"need two or more (x, y) pairs of equal count, got {len(xs)} and {len(ys)}")
+    if min(xs) <= 0 or min(ys) <= 0:
+        raise ValueError("loglog_slope needs positive xs and ys")
+    lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
+    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
+    spread = sum((a - mx) ** 2 for a in lx)
+    if spread == 0:
+        raise ValueError("loglog_slope needs at least two different xs")
+    return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / spread
+
+
+def _bmm_inplace_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """In-place batched matmul (``baddbmm_``, used by some kernels): 2 * B * M * K * N."""
+    b, m, k = a_shape
+    return 2 * b * m * k * b_shape[-1]
+
+
+def _sdpa_cpu_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    """PyTorch's fused CPU attention kernel: the two matmuls Q K^T and P V."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(q_shape, k_shape, v_shape)
+
+
+def matmul_flops(fn: Callable[[], Any]) -> int:
+    """Matrix-multiplication FLOPs of ``fn()`` (a multiply-add counts 2), as counted by
+    ``torch.utils.flop_counter.FlopCounterMode``, with formulas added for the two operations
+    it does not know: in-place ``baddbmm_`` and the fused CPU attention kernel."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    aten = torch.ops.aten
+    extra = {aten.baddbmm_: _bmm_inplace_flops,
+             aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops}
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=extra) as counter:
+        fn()
+    return counter.get_total_flops()
 
 
 class ShapeRecorder(TorchDispatchMode):

@@ -48,13 +48,7 @@ class MultiHeadAttention(nn.Module):
         rope_base: float | None = None,
     ) -> None:
         super().__init__()
-        check_positive_int(d_model, "d_model")
-        check_positive_int(n_heads, "n_heads")
-        n_kv_heads = n_heads if n_kv_heads is None else check_positive_int(n_kv_heads, "n_kv_heads")
-        if d_model % n_heads != 0:
-            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
-        if n_heads % n_kv_heads != 0:
-            raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
+        n_kv_heads = self._valid_head_counts(d_model, n_heads, n_kv_heads)
         self.d_model, self.n_heads, self.n_kv_heads = d_model, n_heads, n_kv_heads
         self.head_dim = d_model // n_heads
         self.fused, self.rope_base = fused, rope_base
@@ -62,6 +56,24 @@ class MultiHeadAttention(nn.Module):
         self.k_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
+
+    @staticmethod
+    def _valid_head_counts(d_model: int, n_heads: int, n_kv_heads: int | None) -> int:
+        """Check the constructor's sizes; return ``n_kv_heads`` (``None``: n_heads)."""
+        check_positive_int(d_model, "d_model")
+        check_positive_int(n_heads, "n_heads")
+        if n_kv_heads is None:
+            n_kv_heads = n_heads
+        check_positive_int(n_kv_heads, "n_kv_heads")
+        if d_model % n_heads != 0:
+            raise ValueError(
+                f"d_model ({d_model}) must be divisible by n_heads ({n_heads})"
+            )
+        if n_heads % n_kv_heads != 0:
+            raise ValueError(
+                f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})"
+            )
+        return n_kv_heads
 
     def split_heads(self, x: Tensor, n_heads: int) -> Tensor:
         """(B, L, n_heads * head_dim) -> (B, n_heads, L, head_dim)."""
@@ -86,41 +98,28 @@ class MultiHeadAttention(nn.Module):
 
         Args:
             x: ``(B, L, d_model)``: the sequence that asks (queries).
-            context: ``(B, S, d_model)``: the sequence attended to (keys and values); ``None``
-                means self-attention (``context = x``).
-            attn_mask: boolean (``True`` = may attend) or float (added), broadcastable to
-                ``(B, n_heads, L, S)``, where ``S`` counts cached positions too.
+            context: ``(B, S, d_model)``: the sequence attended to (keys and values);
+                ``None`` means self-attention (``context = x``).
+            attn_mask: boolean (``True`` = may attend) or float (added), broadcastable
+                to ``(B, n_heads, L, S)``, where ``S`` counts cached positions too.
             is_causal: causal self-attention, top-left aligned as in PyTorch.
-            kv_cache: a :class:`attnlib.KVCache`; the new keys and values are appended to it
-                and attention runs over all cached positions. Positions are absolute: new
-                token ``i`` of the chunk sits at position ``cache.seq_len + i`` and sees every
-                cached position and the chunk's tokens ``0..i`` (a cache implies causal
-                decoding, so ``is_causal`` is then redundant). Token-by-token decoding and a
-                chunked prefill both reproduce the full causal forward.
+            kv_cache: a :class:`attnlib.KVCache`; the new keys and values are appended
+                to it and attention runs over all cached positions. Positions are
+                absolute: new token ``i`` of the chunk sits at position
+                ``cache.seq_len + i`` and sees every cached position and the chunk's
+                tokens ``0..i`` (a cache implies causal decoding, so ``is_causal`` is
+                then redundant). Token-by-token decoding and a chunked prefill both
+                reproduce the full causal forward.
 
         Returns:
             ``(B, L, d_model)``.
         """
-        check_tensor(x, "x", min_ndim=3)
-        if x.ndim != 3 or x.size(-1) != self.d_model:
-            raise ValueError(f"x must be (B, L, d_model={self.d_model}), got {tuple(x.shape)}")
-        if context is not None:
-            check_tensor(context, "context", min_ndim=3)
-            if context.ndim != 3 or context.size(0) != x.size(0) or context.size(-1) != self.d_model:
-                raise ValueError(
-                    f"context must be (B={x.size(0)}, S, d_model={self.d_model}), "
-                    f"got {tuple(context.shape)}"
-                )
-            if kv_cache is not None:
-                raise ValueError(
-                    "kv_cache is for self-attention decoding; for cross-attention the context's "
-                    "keys and values do not grow, so compute them once instead"
-                )
+        _validate_inputs(self.d_model, x, context, kv_cache)
         source = x if context is None else context
         L = x.size(1)
         q = self.split_heads(self.q_proj(x), self.n_heads)  # (B, H, L, D)
-        k = self.split_heads(self.k_proj(source), self.n_kv_heads)  # (B, H_kv, S_new, D)
-        v = self.split_heads(self.v_proj(source), self.n_kv_heads)  # (B, H_kv, S_new, D)
+        k = self.split_heads(self.k_proj(source), self.n_kv_heads)  # (B, H_kv, S, D)
+        v = self.split_heads(self.v_proj(source), self.n_kv_heads)  # (B, H_kv, S, D)
 
         offset = 0 if kv_cache is None else kv_cache.seq_len
         if self.rope_base is not None:
@@ -129,12 +128,14 @@ class MultiHeadAttention(nn.Module):
             if context is None:
                 k = apply_rope(k, positions, self.rope_base)
             else:
-                k = apply_rope(k, torch.arange(k.size(-2), device=x.device), self.rope_base)
+                key_positions = torch.arange(k.size(-2), device=x.device)  # (S,)
+                k = apply_rope(k, key_positions, self.rope_base)
 
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)  # (B, H_kv, offset + L, D)
-            allowed = torch.ones(L, offset + L, dtype=torch.bool, device=x.device).tril(offset)
-            attn_mask = _combine(allowed, attn_mask, q.dtype)  # new token i sees 0..offset+i
+            allowed = torch.ones(L, offset + L, dtype=torch.bool, device=x.device)
+            allowed = allowed.tril(offset)  # (L, offset + L), bottom-right aligned
+            attn_mask = _combine(allowed, attn_mask, q.dtype)  # i sees 0..offset+i
             is_causal = False
 
         if self.fused:
@@ -145,7 +146,9 @@ class MultiHeadAttention(nn.Module):
         else:
             n_rep = self.n_heads // self.n_kv_heads
             k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (B, H, S, D)
-            y = scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+            y = scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, is_causal=is_causal
+            )  # (B, H, L, D)
         return self.o_proj(self.merge_heads(y))  # (B, L, d_model)
 
     @classmethod
@@ -174,6 +177,28 @@ class MultiHeadAttention(nn.Module):
             if has_bias:
                 module.o_proj.bias.copy_(mha.out_proj.bias)
         return module
+
+
+def _validate_inputs(
+    d_model: int, x: Tensor, context: Tensor | None, kv_cache: KVCache | None
+) -> None:
+    """The argument checks of :meth:`MultiHeadAttention.forward`."""
+    check_tensor(x, "x", min_ndim=3)
+    if x.ndim != 3 or x.size(-1) != d_model:
+        raise ValueError(f"x must be (B, L, d_model={d_model}), got {tuple(x.shape)}")
+    if context is None:
+        return
+    check_tensor(context, "context", min_ndim=3)
+    if context.ndim != 3 or context.size(0) != x.size(0) or context.size(-1) != d_model:
+        raise ValueError(
+            f"context must be (B={x.size(0)}, S, d_model={d_model}), "
+            f"got {tuple(context.shape)}"
+        )
+    if kv_cache is not None:
+        raise ValueError(
+            "kv_cache is for self-attention decoding; for cross-attention the context's "
+            "keys and values do not grow, so compute them once instead"
+        )
 
 
 def _combine(allowed: Tensor, attn_mask: Tensor | None, dtype: torch.dtype) -> Tensor:

@@ -62,13 +62,17 @@ def sinusoidal_positional_encoding(seq_len: int, d_model: int, base: float = 100
     """
     check_positive_int(seq_len, "seq_len", allow_zero=True)
     check_positive_int(d_model, "d_model")
-    base = _check_base(base)
+    return _sinusoidal_table(seq_len, d_model, _check_base(base))
+
+
+def _sinusoidal_table(seq_len: int, d_model: int, base: float) -> Tensor:
+    """The table of :func:`sinusoidal_positional_encoding`: sin, cos of pos * w_i."""
     pos = torch.arange(seq_len, dtype=torch.float64)[:, None]  # (seq_len, 1)
     two_i = torch.arange(0, d_model, 2, dtype=torch.float64)  # (ceil(d_model / 2),)
     angle = pos / base ** (two_i / d_model)  # (seq_len, ceil(d_model / 2))
     pe = torch.empty(seq_len, d_model, dtype=torch.float64)  # (seq_len, d_model)
     pe[:, 0::2] = torch.sin(angle)
-    pe[:, 1::2] = torch.cos(angle[:, : d_model // 2])  # odd d_model: no cos for the last pair
+    pe[:, 1::2] = torch.cos(angle[:, : d_model // 2])  # odd d_model: one cos fewer
     return pe.float()
 
 
@@ -107,11 +111,22 @@ def rope_permutation(head_dim: int) -> Tensor:
     check_positive_int(head_dim, "head_dim")
     if head_dim % 2:
         raise ValueError(f"head_dim must be even for RoPE, got {head_dim}")
+    return _evens_then_odds(head_dim)
+
+
+def _evens_then_odds(head_dim: int) -> Tensor:
+    """The order of :func:`rope_permutation`: interleaved pair i lands on (i, i + D/2)."""
     return torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
 
 
 def _rope_angles(x: Tensor, positions: Tensor | None, base: float) -> Tensor:
     """Check the RoPE inputs; return the fp32 angles, shaped to broadcast against x."""
+    positions = _rope_positions(x, positions, base)
+    return _rope_angle_table(positions, x.size(-1), base, x.ndim)
+
+
+def _rope_positions(x: Tensor, positions: Tensor | None, base: float) -> Tensor:
+    """Check the RoPE inputs; return the positions (default ``arange(L)``) on x's device."""
     check_tensor(x, "x", min_ndim=2)
     check_floating(x, "x")
     base = _check_base(base)
@@ -144,12 +159,16 @@ def _rope_angles(x: Tensor, positions: Tensor | None, base: float) -> Tensor:
                 f"(B, ..., L, head_dim) with the same B, got x {tuple(x.shape)}"
             )
         positions = positions.to(x.device)
-    # The Hugging Face LLaMA arithmetic, step for step, all in fp32.
-    two_i = torch.arange(0, D, 2, dtype=torch.int64, device=x.device).float()  # (D/2,)
-    inv_freq = 1.0 / (base ** (two_i / D))  # (D/2,)
+    return positions
+
+
+def _rope_angle_table(positions: Tensor, D: int, base: float, x_ndim: int) -> Tensor:
+    """RoPE's angles ``position * base ** (-2i / D)``, in fp32 as in HF's LLaMA."""
+    two_i = torch.arange(0, D, 2, dtype=torch.int64, device=positions.device).float()
+    inv_freq = 1.0 / (base ** (two_i / D))  # (D/2,): theta_i, radians per position
     angles = positions.float()[..., None] * inv_freq  # (L, D/2) or (B, L, D/2)
-    if angles.ndim == 3:  # (B, L, D/2) -> (B, 1, .., 1, L, D/2): one angle per batch row, all heads
-        angles = angles.view(angles.size(0), *([1] * (x.ndim - 3)), L, D // 2)
+    if angles.ndim == 3:  # (B, L, D/2) -> (B, 1, .., 1, L, D/2): all heads
+        angles = angles.view(angles.size(0), *([1] * (x_ndim - 3)), -1, D // 2)
     return angles
 
 
@@ -184,8 +203,12 @@ def apply_rope(x: Tensor, positions: Tensor | None = None, base: float = 10000.0
     Returns:
         A tensor of the same shape and dtype as ``x``.
     """
-    angles = _rope_angles(x, positions, base)  # (..., L, D/2), fp32
-    emb = torch.cat((angles, angles), dim=-1)  # (..., L, D): pair (i, i + D/2) shares angle i
+    return _rotate_halves(x, _rope_angles(x, positions, base))
+
+
+def _rotate_halves(x: Tensor, angles: Tensor) -> Tensor:
+    """Turn pair (i, i + D/2) of x (..., L, D) by angle i of angles (..., L, D/2)."""
+    emb = torch.cat((angles, angles), dim=-1)  # (..., L, D): i, i + D/2 share angle i
     cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)  # (..., L, D)
     return x * cos + _rotate_half(x) * sin  # (..., L, D)
 
@@ -207,12 +230,16 @@ def apply_rope_interleaved(
     Returns:
         A tensor of the same shape and dtype as ``x``.
     """
-    angles = _rope_angles(x, positions, base)  # (..., L, D/2), fp32
+    return _rotate_neighbours(x, _rope_angles(x, positions, base))
+
+
+def _rotate_neighbours(x: Tensor, angles: Tensor) -> Tensor:
+    """Turn pair (2i, 2i + 1) of x (..., L, D) by angle i of angles (..., L, D/2)."""
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)  # (..., L, D/2)
-    x1, x2 = x[..., 0::2], x[..., 1::2]  # (..., L, D/2) each: the two members of every pair
+    x1, x2 = x[..., 0::2], x[..., 1::2]  # (..., L, D/2) each: the two members of a pair
     out1 = x1 * cos + (-x2) * sin  # (..., L, D/2)
     out2 = x2 * cos + x1 * sin  # (..., L, D/2)
-    return torch.stack((out1, out2), dim=-1).flatten(-2)  # (..., L, D), pairs back in place
+    return torch.stack((out1, out2), dim=-1).flatten(-2)  # (..., L, D), pairs in place
 
 
 # ----------------------------------------------------------------------------- ALiBi
@@ -231,10 +258,16 @@ def alibi_slopes(n_heads: int) -> Tensor:
         ``(n_heads,)`` float32 tensor, all in ``(0, 1)``.
     """
     check_positive_int(n_heads, "n_heads")
+    return _alibi_slopes(n_heads)
+
+
+def _alibi_slopes(n_heads: int) -> Tensor:
+    """The slopes of :func:`alibi_slopes`: those of the power of two m <= n_heads, then
+    the odd-position ones of the sequence for 2m."""
     m = 1 << (n_heads.bit_length() - 1)  # largest power of two <= n_heads
     slopes = [2.0 ** (-8.0 * i / m) for i in range(1, m + 1)]
-    slopes += [2.0 ** (-8.0 * i / (2 * m)) for i in range(1, 2 * m + 1, 2)][: n_heads - m]
-    return torch.tensor(slopes, dtype=torch.float32)
+    between = [2.0 ** (-8.0 * i / (2 * m)) for i in range(1, 2 * m + 1, 2)]  # odd i, 2m
+    return torch.tensor(slopes + between[: n_heads - m], dtype=torch.float32)
 
 
 def alibi_bias(
@@ -275,8 +308,14 @@ def alibi_bias(
     check_positive_int(S, "S", allow_zero=True)
     if isinstance(query_offset, bool) or not isinstance(query_offset, int):
         raise TypeError(f"query_offset must be an int, got {type(query_offset).__name__}")
+    return _alibi_bias(n_heads, L, S, query_offset, device)
+
+
+def _alibi_bias(n_heads: int, L: int, S: int, query_offset: int,
+                device: torch.device | str | None) -> Tensor:
+    """The bias of :func:`alibi_bias`: minus each head's slope times the distance."""
     q_pos = torch.arange(L, device=device) + query_offset  # (L,)
     k_pos = torch.arange(S, device=device)  # (S,)
     distance = (q_pos[:, None] - k_pos[None, :]).abs().float()  # (L, S)
-    slopes = alibi_slopes(n_heads).to(device)  # (H,)
+    slopes = _alibi_slopes(n_heads).to(device)  # (H,)
     return -slopes[:, None, None] * distance  # (H, L, S)

@@ -47,16 +47,21 @@ class ElmanRNN(nn.Module):
             ``(B, hidden_size)``.
         """
         check_tensor(x, "x", min_ndim=3)
-        B, T, _ = x.shape
-        h = x.new_zeros(B, self.hidden_size) if h0 is None else h0  # (B, hidden)
-        inputs = self.input_proj(x)  # (B, T, hidden): all input terms at once
-        outputs = []
-        for t in range(T):  # the sequential part: step t needs step t - 1
-            h = self.activation(inputs[:, t] + self.hidden_proj(h))  # (B, hidden)
-            outputs.append(h)
-        if not outputs:
-            return x.new_zeros(B, 0, self.hidden_size), h
-        return torch.stack(outputs, dim=1), h  # (B, T, hidden), (B, hidden)
+        return _elman_loop(self, x, h0)
+
+
+def _elman_loop(rnn: ElmanRNN, x: Tensor, h0: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``ElmanRNN.forward`` without the checks: eq. (rnn-step) as the loop it is."""
+    B, T, _ = x.shape
+    h = x.new_zeros(B, rnn.hidden_size) if h0 is None else h0  # (B, hidden)
+    inputs = rnn.input_proj(x)  # (B, T, hidden): W_ih x_t + b_ih for all t at once
+    outputs = []
+    for t in range(T):  # the sequential part: step t needs step t - 1
+        h = rnn.activation(inputs[:, t] + rnn.hidden_proj(h))  # (B, hidden)
+        outputs.append(h)
+    if not outputs:
+        return x.new_zeros(B, 0, rnn.hidden_size), h
+    return torch.stack(outputs, dim=1), h  # (B, T, hidden), (B, hidden)
 
 
 def hidden_state_gradient_norms(model: nn.Module, x: Tensor) -> Tensor:
@@ -79,15 +84,22 @@ def hidden_state_gradient_norms(model: nn.Module, x: Tensor) -> Tensor:
     if x.ndim == 2:
         x = x.unsqueeze(0)
     if x.ndim != 3 or x.size(0) != 1:
-        raise ValueError(f"x must be (T, input_size) or (1, T, input_size), got {tuple(x.shape)}")
+        raise ValueError(
+            f"x must be (T, input_size) or (1, T, input_size), got {tuple(x.shape)}"
+        )
     check_positive_int(x.size(1), "sequence length T")
+    return _jacobian_norms(model, x)
+
+
+def _jacobian_norms(model: nn.Module, x: Tensor) -> Tensor:
+    """hidden_state_gradient_norms without the checks; x is (1, T, input_size)."""
     x = x.detach().requires_grad_(True)
     out = model(x)
-    out = out[0] if isinstance(out, tuple) else out
-    h_last = out[0, -1]  # (hidden,)
+    out = out[0] if isinstance(out, tuple) else out  # RNNs return (outputs, state)
+    h_last = out[0, -1]  # (hidden,): the last state h_T
     rows = []
     for i in range(h_last.numel()):  # one backward pass per component of h_T
         (grad,) = torch.autograd.grad(h_last[i], x, retain_graph=True)
         rows.append(grad[0])  # (T, input_size): row i of the Jacobian, for every t
     jacobian = torch.stack(rows)  # (hidden, T, input_size)
-    return jacobian.pow(2).sum(dim=(0, 2)).sqrt()  # (T,)
+    return jacobian.pow(2).sum(dim=(0, 2)).sqrt()  # (T,): one norm per position t

@@ -22,7 +22,7 @@ import math
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor
+from torch import Generator, Tensor
 
 from ._validate import check_positive_int, compute_dtype
 from .attention import _check_qkv
@@ -60,10 +60,15 @@ def sliding_window_mask(L: int, window: int, causal: bool = False) -> Tensor:
     check_positive_int(L, "L", allow_zero=True)
     check_positive_int(window, "window", allow_zero=True)
     _check_bool(causal, "causal")
+    return _window_mask(L, window, causal)
+
+
+def _window_mask(L: int, window: int, causal: bool) -> Tensor:
+    """The band of :func:`sliding_window_mask`: True where ``|i - j| <= window``."""
     pos = torch.arange(L)  # (L,)
     dist = pos[:, None] - pos[None, :]  # (L, L): i - j
     if causal:
-        return (dist >= 0) & (dist <= window)
+        return (dist >= 0) & (dist <= window)  # the key is not after the query
     return dist.abs() <= window
 
 
@@ -116,6 +121,11 @@ def longformer_mask(L: int, window: int, global_tokens: Sequence[int] | Tensor) 
     """
     mask = sliding_window_mask(L, window)  # (L, L)
     idx = _check_indices(global_tokens, L, "global_tokens")  # (G,)
+    return _add_global_tokens(mask, idx)
+
+
+def _add_global_tokens(mask: Tensor, idx: Tensor) -> Tensor:
+    """Longformer's global tokens: rows and columns ``idx`` of ``mask`` all True."""
     mask[idx, :] = True  # global tokens see everything
     mask[:, idx] = True  # and everything sees them
     return mask
@@ -175,21 +185,30 @@ def bigbird_mask(
     check_positive_int(n_random_blocks, "n_random_blocks", allow_zero=True)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-
-    nb = math.ceil(L / block_size)  # number of blocks, the last may be partial
-    blocks = torch.arange(nb)  # (nb,)
-    allowed = (blocks[:, None] - blocks[None, :]).abs() <= n_window_blocks // 2  # (nb, nb)
-    n_global = min(n_global_blocks, nb)
-    allowed[:n_global, :] = True  # global blocks see every block
-    allowed[:, :n_global] = True  # and every block sees them
-    if n_random_blocks > 0:
-        gen = torch.Generator().manual_seed(0) if generator is None else generator
-        for qb in range(n_global, nb):  # global rows are already full
-            candidates = (~allowed[qb]).nonzero().flatten()  # (n_free,)
-            order = torch.randperm(candidates.numel(), generator=gen)  # (n_free,)
-            allowed[qb, candidates[order[:n_random_blocks]]] = True
+    if n_random_blocks > 0 and generator is None:
+        generator = torch.Generator().manual_seed(0)
+    allowed = _bigbird_blocks(
+        math.ceil(L / block_size), n_window_blocks, n_global_blocks, n_random_blocks, generator
+    )  # (nb, nb)
     block_of = torch.arange(L) // block_size  # (L,): the block of each token
     return allowed[block_of[:, None], block_of[None, :]]  # (L, L)
+
+
+def _bigbird_blocks(
+    nb: int, n_window: int, n_global: int, n_random: int, gen: Generator | None
+) -> Tensor:
+    """Which of ``nb`` query blocks (rows) may see which key blocks, (nb, nb)."""
+    blocks = torch.arange(nb)  # (nb,)
+    allowed = (blocks[:, None] - blocks[None, :]).abs() <= n_window // 2  # window
+    n_global = min(n_global, nb)
+    allowed[:n_global, :] = True  # global blocks see every block
+    allowed[:, :n_global] = True  # and every block sees them
+    if n_random > 0:
+        for qb in range(n_global, nb):  # global rows are already full
+            free = (~allowed[qb]).nonzero().flatten()  # blocks not yet allowed
+            order = torch.randperm(free.numel(), generator=gen)  # in random order
+            allowed[qb, free[order[:n_random]]] = True
+    return allowed
 
 
 BLOCK_SIZE = 64
@@ -250,42 +269,47 @@ def sliding_window_attention(
         ) from None
     if L == 0:
         return query.new_zeros(*batch, 0, value.size(-1))
-
     w = min(window, L - 1)  # a reach beyond the sequence changes nothing
+    out = _banded_attention(query.to(dtype), key.to(dtype), value.to(dtype), w, causal)
+    return out.to(query.dtype)
+
+
+def _banded_attention(
+    q: Tensor, k: Tensor, v: Tensor, w: int, causal: bool
+) -> Tensor:
+    """The core of :func:`sliding_window_attention`: blocks of queries, each against
+    the band of keys it needs: (..., L, E) -> (..., L, Ev), with w <= L - 1."""
+    L = q.size(-2)
     b = min(BLOCK_SIZE, L)  # queries per block
     nb = math.ceil(L / b)  # number of query blocks
     reach = w if causal else 2 * w  # a block's keys span b + reach positions
     width = b + reach
-    q = query.to(dtype)
-    k, v = key.to(dtype), value.to(dtype)
+    pad = torch.nn.functional.pad
 
     # Queries: pad to a whole number of blocks and cut into blocks.
-    q = torch.nn.functional.pad(q, (0, 0, 0, nb * b - L))  # (..., nb*b, E), zeros at the end
-    q = q.unflatten(-2, (nb, b))  # (..., nb, b, E)
-    # Keys and values: pad `w` zeros in front (key -w sits at padded index 0) and enough
-    # behind, then view block n's keys, original positions [n*b - w, n*b - w + width).
+    q = pad(q, (0, 0, 0, nb * b - L)).unflatten(-2, (nb, b))  # (..., nb, b, E)
+    # Keys and values: `w` zeros in front (key -w sits at padded index 0), enough
+    # behind; then view block n's keys, positions [n*b - w, n*b - w + width).
     right = nb * b - L + reach - w
-    k = torch.nn.functional.pad(k, (0, 0, w, right))  # (..., w + nb*b + reach - w, E)
-    v = torch.nn.functional.pad(v, (0, 0, w, right))  # (..., same, Ev)
-    k = k.unfold(-2, width, b)  # (..., nb, E, width): a view, block n starts at n*b
-    v = v.unfold(-2, width, b).transpose(-2, -1)  # (..., nb, width, Ev)
+    k = pad(k, (0, 0, w, right)).unfold(-2, width, b)  # (..., nb, E, width), a view
+    v = pad(v, (0, 0, w, right)).unfold(-2, width, b)  # (..., nb, Ev, width)
+    v = v.transpose(-2, -1)  # (..., nb, width, Ev)
 
-    # Query r of a block is position i = n*b + r, key c is j = n*b - w + c, so
-    # i - j = r + w - c and the band condition is r <= c <= r + reach, for every block.
+    # Query r of block n is position i = n*b + r, key c is j = n*b - w + c, so
+    # i - j = r + w - c: the band is r <= c <= r + reach, the same in every block.
     r = torch.arange(b, device=q.device)[:, None]  # (b, 1)
     c = torch.arange(width, device=q.device)[None, :]  # (1, width)
     outside_band = (c < r) | (c > r + reach)  # (b, width)
-    # A finite fill, not -inf: padded query rows past L may see no key at all and must
-    # give a finite softmax (they are dropped, but NaN would poison the gradients).
-    fill = torch.finfo(dtype).min
+    # A finite fill, not -inf: padded query rows past L may see no key at all and
+    # must give a finite softmax (they are dropped, but NaN would poison gradients).
+    fill = torch.finfo(q.dtype).min
     scores = (q * (1.0 / math.sqrt(q.size(-1)))) @ k  # (..., nb, b, width)
-    scores.masked_fill_(outside_band, fill)  # one (b, width) mask serves every block
-    # The zero-padding keys (j < 0 or j >= L) appear only in the first and last blocks.
+    scores.masked_fill_(outside_band, fill)  # one (b, width) mask for every block
+    # The zero-padding keys (j < 0 or j >= L) are only in the first and last blocks.
     j = torch.arange(nb, device=q.device)[:, None] * b - w + c  # (nb, width)
     padding = (j < 0) | (j >= L)  # (nb, width)
     edge = padding.any(dim=-1).nonzero().flatten()  # (n_edge,): a few block indices
-    scores[..., edge, :, :] = scores[..., edge, :, :].masked_fill(padding[edge, None, :], fill)
-    weights = torch.softmax(scores, dim=-1)  # (..., nb, b, width)
-    out = weights @ v  # (..., nb, b, Ev)
-    out = out.flatten(-3, -2)[..., :L, :]  # (..., L, Ev)
-    return out.to(query.dtype)
+    edge_scores = scores[..., edge, :, :].masked_fill(padding[edge, None], fill)
+    scores[..., edge, :, :] = edge_scores
+    out = torch.softmax(scores, dim=-1) @ v  # (..., nb, b, Ev)
+    return out.flatten(-3, -2)[..., :L, :]  # (..., L, Ev)

@@ -48,7 +48,9 @@ def _validate_patches(
     """Check ``(B, N, C * p * p)`` patches against the image size they should rebuild."""
     check_tensor(patches, "patches", min_ndim=0)
     if patches.ndim != 3:
-        raise ValueError(f"patches must be 3-D (B, N, C * p * p), got shape {tuple(patches.shape)}")
+        raise ValueError(
+            f"patches must be 3-D (B, N, C * p * p), got shape {tuple(patches.shape)}"
+        )
     check_positive_int(patch_size, "patch_size")
     check_positive_int(height, "height")
     check_positive_int(width, "width")
@@ -66,10 +68,26 @@ def _validate_patches(
         )
     if P % (patch_size * patch_size):
         raise ValueError(
-            f"the last axis of patches must be C * patch_size**2 = C * {patch_size * patch_size}, "
-            f"got {P}"
+            f"the last axis of patches must be C * patch_size**2 = "
+            f"C * {patch_size * patch_size}, got {P}"
         )
     return B, P // (patch_size * patch_size), N
+
+
+def _patchify(images: Tensor, p: int) -> Tensor:
+    """The computation of :func:`patchify`, on checked arguments."""
+    B, C, H, W = images.shape
+    x = images.reshape(B, C, H // p, p, W // p, p)  # (B, C, H/p, p, W/p, p)
+    x = x.permute(0, 2, 4, 1, 3, 5)  # (B, H/p, W/p, C, p, p): patch grid first
+    return x.reshape(B, (H // p) * (W // p), C * p * p)  # (B, N, C * p * p)
+
+
+def _unpatchify(patches: Tensor, p: int, height: int, width: int) -> Tensor:
+    """The computation of :func:`unpatchify`, on checked arguments."""
+    B, C = patches.shape[0], patches.shape[2] // (p * p)
+    x = patches.reshape(B, height // p, width // p, C, p, p)  # (B, H/p, W/p, C, p, p)
+    x = x.permute(0, 3, 1, 4, 2, 5)  # (B, C, H/p, p, W/p, p): channel first
+    return x.reshape(B, C, height, width)  # (B, C, H, W)
 
 
 def patchify(images: Tensor, patch_size: int) -> Tensor:
@@ -88,11 +106,8 @@ def patchify(images: Tensor, patch_size: int) -> Tensor:
     Returns:
         ``(B, N, C * p * p)`` with ``N = (H / p) * (W / p)``; same dtype and device.
     """
-    B, C, H, W = _validate_images(images, patch_size)
-    p = patch_size
-    x = images.reshape(B, C, H // p, p, W // p, p)  # (B, C, H/p, p, W/p, p)
-    x = x.permute(0, 2, 4, 1, 3, 5)  # (B, H/p, W/p, C, p, p): patch grid first
-    return x.reshape(B, (H // p) * (W // p), C * p * p)  # (B, N, C * p * p)
+    _validate_images(images, patch_size)
+    return _patchify(images, patch_size)
 
 
 def unpatchify(patches: Tensor, patch_size: int, height: int, width: int) -> Tensor:
@@ -107,8 +122,5 @@ def unpatchify(patches: Tensor, patch_size: int, height: int, width: int) -> Ten
     Returns:
         ``(B, C, H, W)``; ``unpatchify(patchify(x, p), p, H, W)`` equals ``x`` exactly.
     """
-    B, C, _ = _validate_patches(patches, patch_size, height, width)
-    p = patch_size
-    x = patches.reshape(B, height // p, width // p, C, p, p)  # (B, H/p, W/p, C, p, p)
-    x = x.permute(0, 3, 1, 4, 2, 5)  # (B, C, H/p, p, W/p, p)
-    return x.reshape(B, C, height, width)  # (B, C, H, W)
+    _validate_patches(patches, patch_size, height, width)
+    return _unpatchify(patches, patch_size, height, width)

@@ -42,3 +42,36 @@ def test_time_call():
     assert time_call(lambda: torch.ones(10).sum(), repeats=3) > 0
     with pytest.raises(ValueError, match="repeats"):
         time_call(lambda: None, repeats=0)
+
+
+def test_cpu_seconds():
+    from attnlib.measure import cpu_seconds
+
+    assert cpu_seconds(lambda: torch.randn(256, 256) @ torch.randn(256, 256), repeats=3) > 0
+    with pytest.raises(ValueError, match="repeats"):
+        cpu_seconds(lambda: None, repeats=0)
+
+
+def test_loglog_slope_recovers_the_exponent():
+    from attnlib.measure import loglog_slope
+
+    xs = [128, 256, 512, 1024]
+    assert loglog_slope(xs, [3 * x**2 for x in xs]) == pytest.approx(2.0, abs=1e-12)
+    assert loglog_slope(xs, [5 * x for x in xs]) == pytest.approx(1.0, abs=1e-12)
+    with pytest.raises(ValueError, match="positive"):
+        loglog_slope([1, 2], [0, 1])
+    with pytest.raises(ValueError, match="pairs"):
+        loglog_slope([1], [1])
+
+
+def test_matmul_flops_counts_the_fused_kernel_too():
+    from attnlib.measure import matmul_flops
+
+    L, S, E = 64, 96, 32
+    q, k, v = torch.randn(1, 2, L, E), torch.randn(1, 2, S, E), torch.randn(1, 2, S, E)
+    expected = 2 * 2 * (2 * L * S * E)  # two heads, Q K^T and P V, 2 FLOPs per multiply-add
+    assert matmul_flops(lambda: attnlib.scaled_dot_product_attention(q, k, v)) == expected
+    fused = torch.nn.functional.scaled_dot_product_attention
+    assert matmul_flops(lambda: fused(q, k, v)) == expected
+    a, b = torch.randn(3, 5, 7), torch.randn(3, 7, 11)
+    assert matmul_flops(lambda: torch.empty(3, 5, 11).baddbmm_(a, b)) == 2 * 3 * 5 * 7 * 11

@@ -7,7 +7,15 @@ The exercises: every released notebook is a page showing its stubs, unexecuted, 
 chapter links to its notebook's page, a download of the ``.ipynb`` that the site serves, and
 Colab and Binder, with URLs built from ``_config.yml``'s repository (links only: the
 off-origin request rule still holds, since no test follows them).
-A full-page screenshot of every page goes to ``_build/screenshots/`` (CI keeps it).
+A full-page screenshot of every page goes to ``_build/screenshots/`` (CI keeps it), with
+``heights.json``: each page's height in pixels and in screens of the 1280 x 900 window.
+
+Readability, page by page: no rendered formula shows a TeX command or escape (MathJax's
+MathML of every formula holds no backslash and no error); every figure is drawn for the
+column it is shown in (natural width at most ``MAX_IMAGE_SCALE`` times the displayed width)
+and has alt text; nothing a reader needs is cut (no code, output, table or equation wider
+than its box or the text column); axe-core finds no serious or critical violation, in light
+and in dark mode; figures and equations are numbered per chapter (Fig. 3.1, (3.2)).
 
 Run after ``make book`` (``make test`` does both).
 """
@@ -18,6 +26,7 @@ import functools
 import http.server
 import json
 import os
+import re
 import shutil
 import threading
 import urllib.request
@@ -30,6 +39,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 SITE = ROOT / "_build" / "html"
 SHOTS = ROOT / "_build" / "screenshots"
+AXE = ROOT / "tests" / "site" / "node_modules" / "axe-core" / "axe.min.js"
+VIEWPORT = {"width": 1280, "height": 900}
+MAX_IMAGE_SCALE = 1.3  # natural / displayed width of a figure
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
 
@@ -115,10 +127,12 @@ def screenshots_dir():
 class PageWatch:
     """Opens a page and records every console error, page error and failed or foreign request."""
 
-    def __init__(self, browser, origin: str):
+    def __init__(self, browser, origin: str, mode: str = "light"):
         self.origin = origin
-        self.context = browser.new_context(viewport={"width": 1280, "height": 900})
+        self.context = browser.new_context(viewport=VIEWPORT, color_scheme=mode)
         self.page = self.context.new_page()
+        # the theme reads its mode from localStorage before it paints
+        self.page.add_init_script(f"localStorage.setItem('mode', '{mode}'); localStorage.setItem('theme', '{mode}');")
         self.problems: list[str] = []
         self.page.on("console", lambda m: m.type == "error" and self.problems.append(f"console error: {m.text}"))
         self.page.on("pageerror", lambda e: self.problems.append(f"page error: {e}"))
@@ -164,7 +178,157 @@ def test_page_renders_cleanly(browser, server, path):
         assert not broken, f"images that did not load: {broken}"
         for alt_missing in page.evaluate("Array.from(document.querySelectorAll('main img:not([alt])')).map(i => i.src)"):
             watch.problems.append(f"image without alt text: {alt_missing}")
+        READABILITY[path] = page.evaluate(READABILITY_JS)
         page.screenshot(path=str(SHOTS / (path.replace("/", "__").replace(".html", ".png"))), full_page=True)
+        height = page.evaluate("document.documentElement.scrollHeight")
+        heights = json.loads((SHOTS / "heights.json").read_text()) if (SHOTS / "heights.json").exists() else {}
+        heights[path] = {"pixels": height, "screens": round(height / VIEWPORT["height"], 1)}
+        (SHOTS / "heights.json").write_text(json.dumps(heights, indent=1, sort_keys=True))
+        assert not watch.problems, "\n".join(watch.problems)
+    finally:
+        watch.close()
+
+
+# What test_page_renders_cleanly measured on each page, for the readability tests below
+# (each page is opened once; a readability test of a page that did not render fails).
+READABILITY: dict[str, dict] = {}
+
+READABILITY_JS = """() => {
+  const article = document.querySelector('article.bd-article') || document.querySelector('main');
+  const right = article.getBoundingClientRect().right;
+  const cut = [], flagged = [];
+  for (const el of article.querySelectorAll('*')) {
+    if (!el.offsetParent) continue;                               // not displayed (folded)
+    if (flagged.some(f => f.contains(el))) continue;              // inside a block already named
+    if (el.tagName === 'MJX-MATH') {                              // a formula as drawn
+      if (el.getBoundingClientRect().right > right + 2) cut.push(`formula: ${el.parentElement.textContent.slice(0, 70)}`);
+      continue;
+    }
+    // MathJax's boxes keep a clipped copy of each formula for screen readers: skip them
+    if (el.tagName.startsWith('MJX-') || el.matches('span.math, div.math')) continue;
+    const scrolls = ['auto', 'scroll', 'hidden', 'clip'].includes(getComputedStyle(el).overflowX);
+    if ((scrolls && el.scrollWidth > el.clientWidth + 2) || el.getBoundingClientRect().right > right + 2) {
+      cut.push(`${el.tagName.toLowerCase()}.${el.className}: ${(el.innerText || '').slice(0, 70)}`
+               .replace(/\\s+/g, ' '));
+      flagged.push(el);
+    }
+  }
+  const images = Array.from(article.querySelectorAll('img')).map(i => ({
+      src: i.getAttribute('src'), natural: i.naturalWidth,
+      shown: i.getBoundingClientRect().width, alt: (i.getAttribute('alt') || '').trim()}));
+  const tex = [];
+  if (window.MathJax && MathJax.startup && MathJax.startup.document) {
+    for (const item of MathJax.startup.document.math) {
+      const mml = MathJax.startup.toMML(item.root);
+      if (mml.includes('\\\\') || mml.includes('<merror')) tex.push(item.math.slice(0, 100));
+    }
+  }
+  const containerText = Array.from(document.querySelectorAll('mjx-container'))
+      .map(c => c.textContent).filter(t => t.includes('\\\\'));
+  return {cut, images, tex, containerText,
+          figures: Array.from(article.querySelectorAll('figure .caption-number')).map(e => e.innerText.trim()),
+          equations: Array.from(article.querySelectorAll('span.eqno')).map(e => e.innerText.trim()),
+          title: (article.querySelector('h1') || {innerText: ''}).innerText};
+}"""
+
+
+def readability(browser, server, path: str) -> dict:
+    """The page's measurements, from test_page_renders_cleanly or measured now."""
+    if path not in READABILITY:
+        watch = PageWatch(browser, server)
+        try:
+            page = watch.open(path)
+            if page.evaluate("document.querySelectorAll('.math').length") > 0:
+                page.wait_for_function("window.MathJax && MathJax.startup && MathJax.startup.promise",
+                                       timeout=30000)
+                page.evaluate("MathJax.startup.promise")
+            READABILITY[path] = page.evaluate(READABILITY_JS)
+        finally:
+            watch.close()
+    return READABILITY[path]
+
+
+@pytest.mark.parametrize("path", PAGES)
+def test_formulas_show_no_tex(browser, server, path):
+    """A formula MathJax could not read shows its TeX: an unknown macro, or an escape such as
+    ``\\_`` inside ``\\text{}``. Its MathML then holds a backslash or an error."""
+    report = readability(browser, server, path)
+    assert not report["tex"], f"formulas whose rendering shows TeX: {report['tex']}"
+    assert not report["containerText"], f"formula text with a backslash: {report['containerText'][:5]}"
+
+
+@pytest.mark.parametrize("path", PAGES)
+def test_figures_are_drawn_for_their_column(browser, server, path):
+    images = readability(browser, server, path)["images"]
+    shrunk = [f"{i['src']}: {i['natural']} px drawn, {i['shown']:.0f} px shown" for i in images
+              if i["shown"] > 0 and i["natural"] > MAX_IMAGE_SCALE * i["shown"]]
+    assert not shrunk, ("figures shrunk by more than 1/1.3 (their labels fall under 10 px): "
+                        f"{shrunk}; draw them at most 7.5 inches wide")
+    assert all(i["alt"] for i in images), f"figures without alt text: {[i['src'] for i in images if not i['alt']]}"
+
+
+@pytest.mark.parametrize("path", [p for p in PAGES if p.startswith("book/")])
+def test_nothing_is_cut(browser, server, path):
+    """At a 1280 px window no code, printed output, table or display equation is wider than
+    its box or the text column: a reader never loses a column or the end of a line.
+    (The released notebooks' pages show the learner's file as it is, docstrings of the
+    reference included: their long lines scroll.)"""
+    cut = readability(browser, server, path)["cut"]
+    assert not cut, "blocks wider than the text column:\n" + "\n".join(cut[:20])
+
+
+NUMBERED = [p for p in PAGES if p.startswith("book/") and p.split("/")[1][:2].isdigit()]
+
+
+@pytest.mark.parametrize("path", NUMBERED)
+def test_figures_and_equations_are_numbered_per_chapter(browser, server, path):
+    """Chapter N's title reads "N. ...", its figures Fig. N.1, N.2, ... and its equations
+    (N.1), (N.2), ... in order: numbering restarts in each chapter."""
+    chapter = int(path.split("/")[1][:2])
+    report = readability(browser, server, path)
+    assert report["title"].startswith(f"{chapter}. "), f"title {report['title']!r} is not numbered {chapter}"
+    figures = [re.fullmatch(rf"Fig\. {chapter}\.(\d+)", f) for f in report["figures"]]
+    assert all(figures), f"figure numbers not of chapter {chapter}: {report['figures']}"
+    assert [int(m.group(1)) for m in figures] == list(range(1, len(figures) + 1)), report["figures"]
+    equations = [re.fullmatch(rf"\({chapter}\.(\d+)\)", e) for e in report["equations"]]
+    assert all(equations), f"equation numbers not of chapter {chapter}: {report['equations']}"
+    assert [int(m.group(1)) for m in equations] == list(range(1, len(equations) + 1)), report["equations"]
+
+
+def test_chapters_have_numbered_figures_and_equations(browser, server):
+    reports = {p: readability(browser, server, p) for p in NUMBERED}
+    counted = {p: (len(r["figures"]), len(r["equations"])) for p, r in reports.items()}
+    assert len(counted) == len(CHAPTERS)
+    assert sum(f for f, _ in counted.values()) >= 2 * len(CHAPTERS), counted
+    assert sum(e for _, e in counted.values()) >= len(CHAPTERS), counted
+
+
+AXE_IMPACTS = {"serious", "critical"}
+
+
+@pytest.mark.parametrize("mode", ["light", "dark"])
+@pytest.mark.parametrize("path", PAGES)
+def test_accessibility(browser, server, path, mode):
+    """axe-core (the npm package, injected into the page) finds no serious or critical
+    violation, with the theme in light and in dark mode."""
+    if not AXE.exists():
+        pytest.fail(f"axe-core is not installed at {AXE}: `make site-test` runs npm ci in tests/site")
+    watch = PageWatch(browser, server, mode=mode)
+    try:
+        page = watch.open(path)
+        assert page.evaluate("document.documentElement.dataset.theme") == mode
+        if page.evaluate("document.querySelectorAll('.math').length") > 0:
+            page.wait_for_function("window.MathJax && MathJax.startup && MathJax.startup.promise", timeout=30000)
+            page.evaluate("MathJax.startup.promise")
+        page.add_script_tag(content=AXE.read_text())
+        violations = page.evaluate("""async () => {
+            const result = await axe.run(document, {resultTypes: ['violations']});
+            return result.violations.map(v => ({id: v.id, impact: v.impact, help: v.help,
+                nodes: v.nodes.slice(0, 3).map(n => n.target.join(' ') + ' ' + (n.failureSummary || '')
+                    .split('\\n').slice(1, 2).join(''))}));
+        }""")
+        bad = [v for v in violations if v["impact"] in AXE_IMPACTS]
+        assert not bad, "\n".join(f"{v['impact']} {v['id']} ({v['help']}): {v['nodes']}" for v in bad)
         assert not watch.problems, "\n".join(watch.problems)
     finally:
         watch.close()
