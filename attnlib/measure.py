@@ -70,12 +70,9 @@ def peak_memory_bytes(fn: Callable[[], Any]) -> int:
     return tracker.peak
 
 
-def time_call(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` in seconds over ``repeats`` runs, after ``warmup`` runs.
-
-    Timings depend on the machine and on what else runs on it: compare methods measured in
-    the same process, and trust ratios and growth rates more than absolute numbers.
-    """
+def _median_time(fn: Callable[[], Any], clock: Callable[[], float], repeats: int,
+                 warmup: int) -> float:
+    """Median of ``repeats`` timings of ``fn()`` by ``clock``, after ``warmup`` runs."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     with torch.no_grad():
@@ -83,10 +80,19 @@ def time_call(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float
             fn()
         times = []
         for _ in range(repeats):
-            start = time.perf_counter()
+            start = clock()
             fn()
-            times.append(time.perf_counter() - start)
+            times.append(clock() - start)
     return statistics.median(times)
+
+
+def time_call(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` in seconds over ``repeats`` runs, after ``warmup`` runs.
+
+    Timings depend on the machine and on what else runs on it: compare methods measured in
+    the same process, and trust ratios and growth rates more than absolute numbers.
+    """
+    return _median_time(fn, time.perf_counter, repeats, warmup)
 
 
 def cpu_seconds(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:
@@ -96,17 +102,7 @@ def cpu_seconds(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> flo
     programs use the cores, so growth rates fitted to it are steadier on a shared machine.
     On one thread (``torch.set_num_threads(1)``) it approximates the work done.
     """
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    with torch.no_grad():
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(repeats):
-            start = time.process_time()
-            fn()
-            times.append(time.process_time() - start)
-    return statistics.median(times)
+    return _median_time(fn, time.process_time, repeats, warmup)
 
 
 def loglog_slope(xs: Sequence[float], ys: Sequence[float]) -> float:

@@ -17,12 +17,22 @@
     document.querySelectorAll(".theme-switch-button i, .theme-switch-button svg")
       .forEach(function (el) {
         el.removeAttribute("title");
+        el.removeAttribute("aria-labelledby");
+        el.removeAttribute("role");
         el.setAttribute("aria-hidden", "true");
+        el.querySelectorAll("title").forEach(function (t) { t.remove(); });
       });
     document.querySelectorAll(".citation-list > .citation[role]").forEach(function (el) {
       el.setAttribute("role", "listitem");
     });
   }
-  document.addEventListener("DOMContentLoaded", repair);
+  document.addEventListener("DOMContentLoaded", function () {
+    repair();
+    // the icon font turns the <i> icons into <svg>s later, with titles: repair again then
+    var observer = new MutationObserver(repair);
+    document.querySelectorAll(".theme-switch-button").forEach(function (button) {
+      observer.observe(button, {childList: true, subtree: true});
+    });
+  });
   window.addEventListener("load", repair);
 })();

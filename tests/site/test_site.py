@@ -226,8 +226,10 @@ READABILITY_JS = """() => {
   const containerText = Array.from(document.querySelectorAll('mjx-container'))
       .map(c => c.textContent).filter(t => t.includes('\\\\'));
   return {cut, images, tex, containerText,
-          figures: Array.from(article.querySelectorAll('figure .caption-number')).map(e => e.innerText.trim()),
-          equations: Array.from(article.querySelectorAll('span.eqno')).map(e => e.innerText.trim()),
+          // textContent, not innerText: figures and equations inside folded dropdowns count too
+          figures: Array.from(article.querySelectorAll('figure .caption-number')).map(e => e.textContent.trim()),
+          equations: Array.from(article.querySelectorAll('span.eqno'))
+              .map(e => e.textContent.replace(/[^()0-9.]/g, '').trim()),
           title: (article.querySelector('h1') || {innerText: ''}).innerText};
 }"""
 
