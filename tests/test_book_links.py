@@ -53,8 +53,24 @@ def exercise_section(text: str) -> str:
 
 
 def test_one_notebook_per_chapter():
-    assert len(CHAPTERS) == len(NOTEBOOKS) == 11
+    """Chapters are counted, never typed: one notebook per book chapter, numbered 1, 2, ..."""
+    assert CHAPTERS, "no chapters found in book/"
     assert [c.stem for c in CHAPTERS] == [n.stem for n in NOTEBOOKS]
+    assert [int(c.stem[:2]) for c in CHAPTERS] == list(range(1, len(CHAPTERS) + 1))
+
+
+def test_readme_totals_are_counted_from_the_notebooks():
+    """The README's "(N notebooks, M graded items, P points)" matches the grade cells of the
+    released notebooks, read as the book's Exercises page reads them."""
+    ext = load_extension()
+    items = [item for nb in NOTEBOOKS for item in ext.graded_items(nb)]
+    points = ext.points_text(sum(item.points for item in items))
+    readme = (ROOT / "README.md").read_text()
+    match = re.search(r"\((\d+) notebooks, (\d+) graded\s+items, (\d+(?:\.\d+)?) points\)", readme)
+    assert match, "the README no longer states '(N notebooks, M graded items, P points)'"
+    assert match.groups() == (str(len(NOTEBOOKS)), str(len(items)), points), (
+        f"README says {match.group(0)}; the notebooks hold {len(NOTEBOOKS)} notebooks, "
+        f"{len(items)} graded items, {points} points")
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda p: p.stem)

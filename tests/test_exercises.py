@@ -83,7 +83,10 @@ def regenerated(tmp_path_factory) -> Path:
 
 
 def test_every_chapter_has_a_notebook_with_its_registered_exercises():
-    assert len(ASSIGNMENTS) == 11
+    chapters = sorted(p.stem for p in (REPO / "book").glob("[0-9][0-9]_*.md"))
+    assert ASSIGNMENTS == chapters, "one notebook per book chapter, counted from book/"
+    assert {ex.chapter for ex in EXERCISES.values()} == set(range(1, len(chapters) + 1)), \
+        "every chapter has a registered exercise, and every exercise a chapter"
     for number, assignment in enumerate(ASSIGNMENTS, start=1):
         assert assignment.startswith(f"{number:02d}_")
         assert (REPO / "book" / f"{assignment}.md").exists()

@@ -107,7 +107,8 @@ class Exercise:
     Attributes:
         id: the learner's function name, unique (``"softmax"``,
             ``"MultiHeadAttention.forward"`` for one method of a class).
-        chapter: 1 to 11.
+        chapter: the book's chapter number (1, 2, ...); its notebook is
+            ``notebooks/NN_topic/`` with ``NN`` this number.
         reference: the attnlib function or class; the stub copies its signature/docstring.
         kind: ``"function"`` or ``"module"`` (the learner writes a class).
         section: the default section of the book for feedback.
@@ -164,8 +165,8 @@ def register(ex: Exercise) -> Exercise:
         raise ValueError(f"an exercise with id {ex.id!r} is already registered")
     if ex.kind not in ("function", "module"):
         raise ValueError(f"exercise {ex.id!r}: kind must be 'function' or 'module', got {ex.kind!r}")
-    if not 1 <= ex.chapter <= 11:
-        raise ValueError(f"exercise {ex.id!r}: chapter must be 1..11, got {ex.chapter}")
+    if isinstance(ex.chapter, bool) or not isinstance(ex.chapter, int) or ex.chapter < 1:
+        raise ValueError(f"exercise {ex.id!r}: chapter must be a chapter number >= 1, got {ex.chapter!r}")
     if ex.make_cases is _no_cases:
         raise ValueError(f"exercise {ex.id!r} has no make_cases")
     names = [m.name for m in ex.mistakes]

@@ -387,8 +387,7 @@ def test_no_page_refers_to_another_origin():
 
 
 def test_every_notebook_and_chapter_is_in_the_toc():
-    assert len(NOTEBOOKS) == len(CHAPTERS) == 11, (NOTEBOOKS, CHAPTERS)
-    assert NOTEBOOKS == CHAPTERS
+    assert CHAPTERS and NOTEBOOKS == CHAPTERS, (NOTEBOOKS, CHAPTERS)
     missing = [n for n in NOTEBOOKS if f"notebooks/{n}/{n}.html" not in PAGES]
     assert not missing, f"released notebooks that are not pages of the book: {missing}"
     assert "book/exercises.html" in PAGES
