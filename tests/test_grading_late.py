@@ -1,4 +1,4 @@
-"""The graded exercises of chapters 6-11 (attnlib/grading/exercises_late.py).
+"""The graded exercises of chapters 6-11 (attnlib/grading/exercises/ch06_*.py to ch11_*.py).
 
 For every exercise: the reference passes all its visible and hidden cases, the cases are
 deterministic and survive ``torch.save``/``torch.load(weights_only=True)``, and every

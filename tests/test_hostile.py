@@ -836,6 +836,25 @@ def test_watcher_spares_the_exercises_own_checks(tmp_path: Path) -> None:
     assert "attnlib.softmax" in run(lambda t: attnlib.softmax(t))
 
 
+def test_watcher_spares_every_chapter_module_and_nothing_of_its_own() -> None:
+    """Every chapter's exercise module (``attnlib/grading/exercises/``) runs checks in the
+    child and is spared like the fake module above; the grader's own machinery is not."""
+    import os
+    import sys
+
+    from attnlib.grading import child, exercises
+
+    watcher = child.CallWatcher(("attnlib",), child._SENTINELS)
+    modules = [sys.modules[f"{exercises.__name__}.{name}"] for name in exercises.CHAPTER_MODULES]
+    assert len(modules) >= 11
+    files = {os.path.abspath(m.__file__) for m in modules} | {os.path.abspath(exercises.__file__)}
+    missing = files - watcher.exempt_files
+    assert not missing, f"exercise modules the watcher would blame for the learner: {missing}"
+    grading_dir = os.path.dirname(os.path.abspath(child.__file__))
+    for own in ("core.py", "child.py", "runner.py", "sandbox.py", "__init__.py"):
+        assert os.path.join(grading_dir, own) not in watcher.exempt_files, own
+
+
 def test_watcher_notices_being_switched_off() -> None:
     import torch
 

@@ -241,6 +241,20 @@ class _WatchMode(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+def _exercise_files(grading_dir: str) -> frozenset[str]:
+    """The grader's files whose code may use forbidden names on its own behalf (the
+    exercises' cases and extra checks, the class tools): every ``.py`` file under
+    ``grading_dir``, the chapter modules in ``exercises/`` included, except the grader's own
+    machinery at the top level (whose calls never come from a check)."""
+    own = {"core.py", "child.py", "runner.py", "sandbox.py", "__init__.py"}
+    files = set()
+    for top, _dirs, names in os.walk(grading_dir):
+        for f in names:
+            if f.endswith(".py") and not (top == grading_dir and f in own):
+                files.add(os.path.join(top, f))
+    return frozenset(files)
+
+
 class CallWatcher:
     """Fails a graded call that calls one of ``forbidden`` (dotted names, as in
     :attr:`attnlib.grading.core.Exercise.forbidden`), by any route.
@@ -268,10 +282,7 @@ class CallWatcher:
         self._roots = _trusted_roots()
         grading_dir = os.path.dirname(os.path.abspath(__file__))
         self._attnlib_dir = os.path.dirname(grading_dir) + os.sep
-        own = {"core.py", "child.py", "runner.py", "sandbox.py", "__init__.py"}
-        self.exempt_files = frozenset(
-            os.path.join(grading_dir, f) for f in os.listdir(grading_dir)
-            if f.endswith(".py") and f not in own)
+        self.exempt_files = _exercise_files(grading_dir)
         for dotted in forbidden:
             self._add(dotted)
         self.active = bool(self.codes or self.files or self.builtins or self.methods)
