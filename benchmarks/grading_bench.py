@@ -105,9 +105,9 @@ def make_class(root: Path, assignment: str, n: int) -> list[tuple[str, str]]:
 
 
 def exercises_of(assignment: str) -> list[tuple[str, str]]:
-    from attnlib.grading.runner import _read_notebook, parse_items
+    from attnlib.grading.notebook import parse_items, read_notebook
 
-    nb = _read_notebook(REPO / "solutions" / assignment / f"{assignment}.ipynb")
+    nb = read_notebook(REPO / "solutions" / assignment / f"{assignment}.ipynb")
     return list(dict.fromkeys((c.exercise_id, c.name) for item in parse_items(nb) for c in item.calls))
 
 

@@ -216,3 +216,33 @@ def test_missing_notebook_is_a_clear_error(tmp_path):
     assert "ERROR" in warnings
     assert "no released notebook notebooks/04_multi_hed/04_multi_hed.ipynb" in warnings
     assert "04_multi_head.md" in warnings  # where
+
+
+def test_counting_points_imports_neither_torch_nor_the_grader():
+    """The book counts points with the grader's notebook reader alone
+    (attnlib/grading/notebook.py, standard library only), not through attnlib."""
+    script = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('exercise_links', {str(ROOT / 'book' / '_ext' / 'exercise_links.py')!r})\n"
+        "m = importlib.util.module_from_spec(spec); sys.modules['exercise_links'] = m\n"
+        "spec.loader.exec_module(m)\n"
+        f"items = m.graded_items({str(NOTEBOOKS[0])!r})\n"
+        "assert items, 'no graded items'\n"
+        "print(sorted(n for n in sys.modules if n == 'torch' or n.startswith('attnlib')))\n"
+    )
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", f"modules imported to count points: {out.stdout}"
+
+
+def test_the_notebook_reader_needs_only_the_standard_library():
+    import ast
+
+    tree = ast.parse((ROOT / "attnlib" / "grading" / "notebook.py").read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree)
+                 if isinstance(n, ast.ImportFrom) and n.module and n.level == 0}
+    assert not any(isinstance(n, ast.ImportFrom) and n.level for n in ast.walk(tree)), "relative import"
+    optional = {"nbformat"}  # used when installed, to convert old notebooks
+    assert imported - optional <= set(sys.stdlib_module_names), imported - set(sys.stdlib_module_names)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from attnlib.cli import main as cli_main
-from attnlib.grading import runner
+from attnlib.grading import notebook, runner
 from attnlib.grading.runner import GradingError, grade_notebook
 
 FIXTURES = Path(__file__).parent / "fixtures" / "grading"
@@ -237,12 +237,12 @@ def test_objects_that_are_not_plain_tensors_do_not_load(tmp_path: Path) -> None:
 
 
 def test_check_call_parsing() -> None:
-    calls, problem = runner._check_calls(
+    calls, problem = notebook.check_calls(
         'from attnlib.grading import check\ncheck("a", f)\nimport attnlib.grading as g\n'
         'g.check("b", K, hidden=True)\ncheck("c", h, True)\n')
     assert not problem
     assert [(c.exercise_id, c.name, c.hidden) for c in calls] == [("a", "f", False), ("b", "K", True),
                                                                  ("c", "h", True)]
-    assert "parsed" in runner._check_calls("check(")[1]
-    assert "string literal" in runner._check_calls("check(name, f)")[1]
-    assert "no check" in runner._check_calls("x = 1")[1]
+    assert "parsed" in notebook.check_calls("check(")[1]
+    assert "string literal" in notebook.check_calls("check(name, f)")[1]
+    assert "no check" in notebook.check_calls("x = 1")[1]

@@ -166,10 +166,10 @@ class StudentResult:
 
 def _source_items(src: Path) -> list[dict]:
     """The grade cells of a source notebook, as zero-score items (for notebooks not graded)."""
-    from .runner import _read_notebook, parse_items
+    from .notebook import parse_items, read_notebook
 
     return [{"id": i.id, "points": 0, "max_points": _num(i.max_points), "passed": False, "feedback": ""}
-            for i in parse_items(_read_notebook(src))]
+            for i in parse_items(read_notebook(src))]
 
 
 def _match_notebooks(expected: list[str], submitted: list[str]) -> tuple[dict[str, str | None], list[str], list[str]]:

@@ -77,13 +77,11 @@ formats go through ``nbformat.reads(..., as_version=4)``; corrupt JSON is a
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import io
 import json
 import math
 import os
-import re
 import select
 import shutil
 import signal
@@ -96,7 +94,6 @@ import textwrap
 import threading
 import time
 import uuid
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -104,6 +101,18 @@ from typing import Any, Iterable
 import torch
 
 from .core import EXERCISES, Case, judge
+from .notebook import (
+    GradingError,
+    Item,
+    as_number,
+    cell_source,
+    compare_test_cells,
+    defined_names,
+    is_grade_cell,
+    nbgrader_metadata,
+    parse_items,
+    read_notebook,
+)
 
 __all__ = ["GradingError", "Item", "Report", "grade_notebook", "find_source", "parse_items",
            "format_table", "main"]
@@ -125,30 +134,6 @@ DEFAULT_MAX_RESTARTS = 5
 LOG_LIMIT = 20_000
 
 SANDBOX_SCRIPT = Path(__file__).with_name("sandbox.py")
-
-
-class GradingError(Exception):
-    """Grading itself could not run (missing file, not a notebook, no grade cells)."""
-
-
-@dataclass
-class CheckCall:
-    exercise_id: str
-    name: str
-    hidden: bool
-
-
-@dataclass
-class Item:
-    """One grade cell: its points are earned when every case of every check call passes."""
-
-    id: str
-    max_points: float
-    calls: list[CheckCall] = field(default_factory=list)
-    problem: str = ""  # why the cell cannot be graded (unparseable, no check call)
-    points: float = 0
-    passed: bool = False
-    feedback: str = ""
 
 
 @dataclass
@@ -176,155 +161,9 @@ class Report:
         return sum(i.max_points for i in self.items)
 
     def as_dict(self) -> dict:
-        return {"notebook": self.notebook, "score": _num(self.score), "max_score": _num(self.max_score),
-                "items": [{"id": i.id, "points": _num(i.points), "max_points": _num(i.max_points),
+        return {"notebook": self.notebook, "score": as_number(self.score), "max_score": as_number(self.max_score),
+                "items": [{"id": i.id, "points": as_number(i.points), "max_points": as_number(i.max_points),
                            "passed": i.passed, "feedback": i.feedback} for i in self.items]}
-
-
-def _num(x: float) -> float | int:
-    return int(x) if float(x).is_integer() else float(x)
-
-
-# --------------------------------------------------------------------------- notebooks
-
-
-def _upgrade_v3(raw: dict) -> dict:
-    """nbformat 3 (cells in worksheets, code in ``input``) without nbformat installed."""
-    cells = []
-    for ws in raw.get("worksheets") or []:
-        for cell in (ws or {}).get("cells") or []:
-            if not isinstance(cell, dict):
-                continue
-            cell = dict(cell)
-            if cell.get("cell_type") == "code" and "input" in cell:
-                cell["source"] = cell.pop("input")
-            if cell.get("cell_type") == "heading":
-                cell["cell_type"] = "markdown"
-            cells.append(cell)
-    return {"cells": cells, "metadata": raw.get("metadata", {}), "nbformat": 4, "nbformat_minor": 0}
-
-
-def _convert(text: str, raw: dict) -> dict:
-    """An older (or unusual) notebook as nbformat 4, through nbformat when installed."""
-    try:
-        import nbformat
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            nb = nbformat.reads(text, as_version=4)
-        if isinstance(nb.get("cells"), list):
-            return nb
-    except Exception:  # nbformat cannot read it: do the essentials here
-        pass
-    return _upgrade_v3(raw) if not isinstance(raw.get("cells"), list) else raw
-
-
-def _read_notebook(path: Path, notes: list[str] | None = None) -> dict:
-    """The notebook as nbformat 4 (a dict with ``cells``); :class:`GradingError` when the
-    file cannot be read as a notebook at all."""
-    if not path.exists():
-        raise GradingError(f"{path}: no such file")
-    if not path.is_file():
-        raise GradingError(f"{path}: not a file")
-    try:
-        text = path.read_text(encoding="utf-8")
-        raw = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise GradingError(f"{path}: not a Jupyter notebook (not valid JSON: {exc})") from None
-    except OSError as exc:
-        raise GradingError(f"{path}: cannot be read ({exc.strerror})") from None
-    if not isinstance(raw, dict) or not (isinstance(raw.get("cells"), list)
-                                         or isinstance(raw.get("worksheets"), list)):
-        raise GradingError(f"{path}: not a Jupyter notebook (no list of cells)")
-    version = raw.get("nbformat")
-    if isinstance(raw.get("cells"), list) and version == 4:
-        nb = raw  # nbformat 4: read as it is (nbformat itself takes seconds to import)
-        ids = [c.get("id") for c in raw["cells"] if isinstance(c, dict) and c.get("id") is not None]
-        if notes is not None and len(ids) != len(set(map(str, ids))):
-            notes.append(f"{path.name}: duplicate cell ids (ignored: grading uses the nbgrader grade ids)")
-    else:
-        nb = _convert(text, raw)
-        if notes is not None:
-            notes.append(f"{path.name} is in nbformat {version}; converted to nbformat 4 for grading")
-    nb["cells"] = [c for c in nb["cells"] if isinstance(c, dict)]
-    return nb
-
-
-def _source(cell: dict) -> str:
-    src = cell.get("source", "")
-    return "".join(str(s) for s in src) if isinstance(src, list) else str(src)
-
-
-def _nbgrader(cell: dict) -> dict:
-    meta = cell.get("metadata") or {}
-    nbg = meta.get("nbgrader") if isinstance(meta, dict) else None
-    return nbg if isinstance(nbg, dict) else {}
-
-
-def _is_grade_cell(cell: dict) -> bool:
-    """An autograded test cell: a code cell with ``grade: true`` that is not an answer cell."""
-    nbg = _nbgrader(cell)
-    return cell.get("cell_type") == "code" and bool(nbg.get("grade")) and not nbg.get("solution")
-
-
-def _check_calls(source: str) -> tuple[list[CheckCall], str]:
-    """The ``check(...)`` calls of a test cell, in source order, or why they cannot be read."""
-    try:
-        tree = ast.parse(source)
-    except SyntaxError as exc:
-        return [], f"the grade cell could not be parsed ({exc.msg}, line {exc.lineno})"
-    calls = []
-    nodes = sorted((n for n in ast.walk(tree) if isinstance(n, ast.Call)),
-                   key=lambda n: (n.lineno, n.col_offset))
-    for node in nodes:
-        fn = node.func
-        fname = fn.id if isinstance(fn, ast.Name) else fn.attr if isinstance(fn, ast.Attribute) else None
-        if fname != "check":
-            continue
-        args = list(node.args)
-        kwargs = {kw.arg: kw.value for kw in node.keywords if kw.arg}
-        ex_node = args[0] if args else kwargs.get("exercise_id")
-        st_node = args[1] if len(args) > 1 else kwargs.get("student")
-        hid_node = args[2] if len(args) > 2 else kwargs.get("hidden")
-        if not (isinstance(ex_node, ast.Constant) and isinstance(ex_node.value, str)):
-            return [], f"line {node.lineno}: check() needs the exercise id as a string literal"
-        if not isinstance(st_node, ast.Name):
-            return [], f"line {node.lineno}: check() needs the learner's object as a plain name"
-        hidden = False
-        if hid_node is not None:
-            if not isinstance(hid_node, ast.Constant):
-                return [], f"line {node.lineno}: check()'s hidden must be True or False"
-            hidden = bool(hid_node.value)
-        calls.append(CheckCall(ex_node.value, st_node.id, hidden))
-    if not calls:
-        return [], "no check(...) call in this grade cell"
-    return calls, ""
-
-
-def _points(nbg: dict) -> float:
-    try:
-        points = float(nbg.get("points", 0))
-    except (TypeError, ValueError):
-        return 0.0
-    return points if math.isfinite(points) and points >= 0 else 0.0
-
-
-def parse_items(nb: dict) -> list[Item]:
-    """The graded items of a notebook: one per grade cell, in notebook order (a grade id
-    that appears twice counts once, the first time)."""
-    items: list[Item] = []
-    seen: set[str] = set()
-    for n, cell in enumerate(nb["cells"]):
-        if not _is_grade_cell(cell):
-            continue
-        nbg = _nbgrader(cell)
-        grade_id = str(nbg.get("grade_id") or f"cell-{n}")
-        if grade_id in seen:
-            continue
-        seen.add(grade_id)
-        calls, problem = _check_calls(_source(cell))
-        items.append(Item(grade_id, _points(nbg), calls, problem))
-    return items
 
 
 def repo_root() -> Path:
@@ -343,107 +182,6 @@ def find_source(submission: Path, root: Path | None = None) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
-
-
-# --------------------------------------------------------------------------- integrity
-
-
-_HIDDEN_BLOCK = ("### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS")
-
-
-def _visible_text(source: str) -> str:
-    """A test cell's source as released: the hidden-tests block removed, whitespace folded."""
-    lines, hidden = [], False
-    for line in source.splitlines():
-        if line.strip() == _HIDDEN_BLOCK[0]:
-            hidden = True
-        elif line.strip() == _HIDDEN_BLOCK[1]:
-            hidden = False
-        elif not hidden:
-            lines.append(line.rstrip())
-    return "\n".join(ln for ln in lines if ln.strip())
-
-
-def _compare_test_cells(sub_nb: dict, src_nb: dict) -> tuple[list[str], set[int]]:
-    """Notes on the submission's test cells against the source's, and the indices of
-    submission cells that are source test cells stripped of their metadata (not run)."""
-    notes: list[str] = []
-    src_cells = {}
-    for cell in src_nb["cells"]:
-        if _is_grade_cell(cell):
-            src_cells.setdefault(str(_nbgrader(cell).get("grade_id")), cell)
-    by_id: dict[str, list[tuple[int, dict]]] = {}
-    for n, cell in enumerate(sub_nb["cells"]):
-        gid = _nbgrader(cell).get("grade_id")
-        if gid is not None and str(gid) in src_cells:
-            by_id.setdefault(str(gid), []).append((n, cell))
-    src_text = {gid: _visible_text(_source(c)) for gid, c in src_cells.items()}
-    stripped: set[int] = set()
-    for n, cell in enumerate(sub_nb["cells"]):
-        if cell.get("cell_type") != "code" or _nbgrader(cell).get("grade_id") is not None:
-            continue
-        text = _visible_text(_source(cell))
-        match = next((gid for gid, t in src_text.items() if t and t == text), None)
-        if match is None and "check(" in text:
-            calls, _ = _check_calls(_source(cell))
-            src_calls = {gid: _check_calls(_source(c))[0] for gid, c in src_cells.items()}
-            visible = [(c.exercise_id, c.name) for c in calls if not c.hidden]
-            match = next((gid for gid, cs in src_calls.items() if visible and visible ==
-                          [(c.exercise_id, c.name) for c in cs if not c.hidden]), None)
-        if match is not None:
-            stripped.add(n)
-            notes.append(f"cell {n} is the test cell {match!r} without its nbgrader metadata: it was not "
-                         "run (the tests come from the source notebook)")
-    for gid, src in src_cells.items():
-        cells = by_id.get(gid, [])
-        if not cells:
-            if not any(f"{gid!r}" in note for note in notes):
-                notes.append(f"the test cell {gid!r} is missing from the submission (deleted, or its "
-                             "metadata changed); graded from the source notebook")
-            continue
-        if len(cells) > 1:
-            notes.append(f"the test cell {gid!r} appears {len(cells)} times in the submission "
-                         f"(cells {', '.join(str(n) for n, _ in cells)}); counted once, from the source")
-        n, cell = cells[0]
-        nbg, src_nbg = _nbgrader(cell), _nbgrader(src)
-        changes = []
-        if not _is_grade_cell(cell):
-            changes.append("it is no longer a grade cell")
-        if _points(nbg) != _points(src_nbg):
-            changes.append(f"its points changed ({_num(_points(src_nbg))} -> {nbg.get('points')!r})")
-        if bool(nbg.get("locked")) != bool(src_nbg.get("locked")):
-            changes.append("its locked flag changed")
-        if _visible_text(_source(cell)) != src_text[gid]:
-            changes.append("its code was edited")
-        if changes:
-            notes.append(f"the test cell {gid!r} (cell {n}) differs from the source: {'; '.join(changes)}. "
-                         "Points and checks come from the source notebook")
-    for n, cell in enumerate(sub_nb["cells"]):
-        gid = _nbgrader(cell).get("grade_id")
-        if _is_grade_cell(cell) and str(gid) not in src_cells:
-            notes.append(f"cell {n} is a grade cell {gid!r} that the source notebook does not have: ignored "
-                         "(not run, no points)")
-    return notes, stripped
-
-
-def _defined_names(source: str) -> set[str]:
-    """Top-level names a cell binds (def, class, assignment, import)."""
-    try:
-        tree = ast.parse(source)
-    except SyntaxError:  # what the lines look like they define
-        return {a or b for a, b in re.findall(r"^(?:async\s+)?(?:def|class)\s+(\w+)|^(\w+)\s*(?::|=(?!=))",
-                                              source, re.M)}
-    names: set[str] = set()
-    for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            names.add(node.name)
-        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            for t in targets:
-                names |= {n.id for n in ast.walk(t) if isinstance(n, ast.Name)}
-        elif isinstance(node, (ast.Import, ast.ImportFrom)):
-            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
-    return names
 
 
 # --------------------------------------------------------------------------- files the child wrote
@@ -876,18 +614,18 @@ def grade_notebook(path: str | os.PathLike, source: str | os.PathLike | None = N
     """
     path = Path(path)
     notes: list[str] = []
-    nb = _read_notebook(path, notes)
+    nb = read_notebook(path, notes)
     src_path = Path(source) if source is not None else (find_source(path) if find else None)
     stripped: set[int] = set()
     if src_path is not None:
-        src_nb = _read_notebook(src_path)
+        src_nb = read_notebook(src_path)
         items = parse_items(src_nb)
         if not items:
             raise GradingError(f"{src_path}: the source notebook has no grade cells "
                                "(nbgrader metadata grade: true)")
         notes.append(f"grade cells, points and checks taken from the source notebook {src_path}")
         if src_path.resolve() != path.resolve():
-            integrity, stripped = _compare_test_cells(nb, src_nb)
+            integrity, stripped = compare_test_cells(nb, src_nb)
             notes += integrity
         source_ids = {i.id for i in items}
     else:
@@ -903,11 +641,11 @@ def grade_notebook(path: str | os.PathLike, source: str | os.PathLike | None = N
     # its grade_id, of the source, or a source test cell stripped of its metadata)
     cells = []
     for n, cell in enumerate(nb["cells"]):
-        if cell.get("cell_type") != "code" or _is_grade_cell(cell) or n in stripped:
+        if cell.get("cell_type") != "code" or is_grade_cell(cell) or n in stripped:
             continue
-        if str(_nbgrader(cell).get("grade_id")) in source_ids:
+        if str(nbgrader_metadata(cell).get("grade_id")) in source_ids:
             continue
-        cells.append({"index": n, "source": _source(cell)})
+        cells.append({"index": n, "source": cell_source(cell)})
 
     for item in items:
         for c in item.calls:
@@ -980,7 +718,7 @@ class _Run:
     def go(self, config: dict, case_bytes: dict[int, bytes], cells: list[dict], deadline: float,
            timeout: float, max_restarts: int) -> None:
         start, attempt, isolate = 0, 0, config["isolate"]
-        self.defines = {c["index"]: _defined_names(c["source"]) for c in cells}
+        self.defines = {c["index"]: defined_names(c["source"]) for c in cells}
         while True:
             for k in range(start, len(self.needed)):  # fresh files for what this attempt grades
                 for f in list(self.grader.glob(f"out_{k}_*")) + list(self.grader.glob(f"status_{k}.json")):
@@ -1209,7 +947,7 @@ def format_table(report: Report, width: int | None = None) -> str:
     if width is None:
         width = shutil.get_terminal_size((100, 24)).columns if sys.stdout.isatty() else 10_000
     id_w = max([len("item")] + [len(i.id) for i in report.items])
-    pts = [f"{_num(i.points)}/{_num(i.max_points)}" for i in report.items]
+    pts = [f"{as_number(i.points)}/{as_number(i.max_points)}" for i in report.items]
     pts_w = max([len("points")] + [len(p) for p in pts])
     head = f"{'item':<{id_w}}  {'points':>{pts_w}}  {'passed':<6}  feedback"
     fb_w = max(20, width - (id_w + pts_w + 6 + 8))
@@ -1220,7 +958,7 @@ def format_table(report: Report, width: int | None = None) -> str:
         rows.append(f"{item.id:<{id_w}}  {p:>{pts_w}}  {'yes' if item.passed else 'no':<6}  {fb}")
     rule = "-" * min(width, max(len(row) for row in [head, *rows]))
     lines = [f"notebook: {report.notebook}", head, rule, *rows]
-    lines.append(f"total: {_num(report.score)}/{_num(report.max_score)}")
+    lines.append(f"total: {as_number(report.score)}/{as_number(report.max_score)}")
     return "\n".join(lines)
 
 

@@ -10,7 +10,8 @@ and ``_config.yml``:
 
 - a link to the notebook's page in the book (the notebook is a page of the "Exercises" part);
 - the graded items and their points, read from the notebook's nbgrader grade cells with the
-  grader's own reader (:func:`attnlib.grading.runner.parse_items`), never typed by hand;
+  grader's own reader (:func:`attnlib.grading.notebook.parse_items`, loaded alone: no torch,
+  no grader), never typed by hand;
 - a download button (the ``.ipynb``, copied into the site by Sphinx's download mechanism),
   an "Open in Colab" and a "Launch on Binder" button, built from ``repository.url`` and
   ``repository.branch`` of ``_config.yml`` (the only place the repository is named) and the
@@ -32,8 +33,10 @@ file, which Colab cannot read.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,14 +128,27 @@ class GradedItem:
     points: float
 
 
+def _notebook_format():
+    """The grader's notebook reader, ``attnlib/grading/notebook.py``, loaded as a file on its
+    own (standard library only): importing it through ``attnlib`` would import torch and the
+    whole grader just to count points."""
+    name = "_attnlib_notebook_format"
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parents[2] / "attnlib" / "grading" / "notebook.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 def graded_items(path: str | Path) -> list[GradedItem]:
     """The notebook's grade cells, read as ``attnlib grade`` reads them.
 
     Raises ``ValueError`` with the reason when the notebook cannot be read or has no
     readable grade cell.
     """
-    from attnlib.grading.runner import parse_items  # the grader's own reader
-
+    notebook_format = _notebook_format()
     try:
         nb = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
@@ -140,7 +156,7 @@ def graded_items(path: str | Path) -> list[GradedItem]:
     if not isinstance(nb, dict) or not isinstance(nb.get("cells"), list):
         raise ValueError(f"{path}: not a Jupyter notebook (no list of cells)")
     items = []
-    for item in parse_items(nb):
+    for item in notebook_format.parse_items(nb):
         if item.problem:
             raise ValueError(f"{path}: grade cell {item.id}: {item.problem}")
         names = tuple(dict.fromkeys(call.exercise_id for call in item.calls))
