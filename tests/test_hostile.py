@@ -938,3 +938,36 @@ def test_namespaces_without_mounts(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     line = next(line for line in report.log.splitlines() if line.startswith("NETWORK:"))
     assert "failed" in line
     assert any("NOT hidden" in n for n in report.notes), report.notes
+
+
+def test_the_sandbox_launchers_file_names_agree_with_the_protocol() -> None:
+    """sandbox.py runs before attnlib can be imported, so it keeps copies of the two names it
+    writes; the parent reads them by the names in protocol.py."""
+    from attnlib.grading import protocol, sandbox
+
+    assert (sandbox.SANDBOX_REPORT, sandbox.EXIT) == (protocol.SANDBOX_REPORT, protocol.EXIT)
+    assert {protocol.SANDBOX_REPORT, protocol.EXIT} <= set(protocol.PER_ATTEMPT)
+    text = Path(sandbox.__file__).read_text()
+    assert "from attnlib" not in text and "import attnlib" not in text  # standard library only
+
+
+def test_no_protocol_name_is_spelt_out_on_either_side() -> None:
+    """The parent (runner.py) and the child (child.py) name the files and phases through
+    protocol.py only: a literal file name or phase string on one side could drift."""
+    import re
+
+    from attnlib.grading import child, protocol, runner
+
+    names = [protocol.SANDBOX_CONFIG, protocol.JOB, protocol.PROGRESS, protocol.DONE,
+             protocol.SANDBOX_REPORT, protocol.EXIT, "cases_", "status_", "out_"]
+    phases = [protocol.START, protocol.CELL, protocol.CASE, protocol.EXTRA, protocol.EXERCISE,
+              protocol.FINISHED]
+    for module in (runner, child):
+        code = re.sub(r'"""[\s\S]*?"""', "", Path(module.__file__).read_text())  # not the docs
+        code = "\n".join(line.split("#")[0] for line in code.splitlines())  # not the comments
+        for name in names:
+            assert f'"{name}' not in code and f'f"{name}' not in code, (module.__name__, name)
+        for phase in phases:
+            spelt = re.findall(rf'phase"?\)?\s*(?:==|!=|=|:)\s*"{phase}"'
+                               rf'|phase"\)\s+(?:not\s+)?in\s+\([^)]*"{phase}"', code)
+            assert not spelt, (module.__name__, spelt)

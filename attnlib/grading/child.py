@@ -76,7 +76,7 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 
-from attnlib.grading import EXERCISES  # noqa: E402
+from attnlib.grading import EXERCISES, protocol  # noqa: E402
 from attnlib.grading.core import Case, ForbiddenCallError, _forbid, _resolve, call  # noqa: E402
 
 _save, _load, _replace, _dumps, _open = torch.save, torch.load, os.replace, json.dumps, open
@@ -131,9 +131,9 @@ class Progress:
     """``progress.json``: one step at a time, so that the parent can time it and name it."""
 
     def __init__(self, grader_dir: str) -> None:
-        self.path = os.path.join(grader_dir, "progress.json")
+        self.path = os.path.join(grader_dir, protocol.PROGRESS)
         self.step = 0
-        self.state: dict = {"phase": "start"}
+        self.state: dict = {"phase": protocol.START}
         self.errors: list[dict] = []
         self.notes: list[str] = []
         self.exit_code: int | None = None
@@ -246,7 +246,7 @@ def _exercise_files(grading_dir: str) -> frozenset[str]:
     exercises' cases and extra checks, the class tools): every ``.py`` file under
     ``grading_dir``, the chapter modules in ``exercises/`` included, except the grader's own
     machinery at the top level (whose calls never come from a check)."""
-    own = {"core.py", "child.py", "runner.py", "sandbox.py", "__init__.py"}
+    own = {"core.py", "child.py", "runner.py", "sandbox.py", "notebook.py", "protocol.py", "__init__.py"}
     files = set()
     for top, _dirs, names in os.walk(grading_dir):
         for f in names:
@@ -570,7 +570,7 @@ def _run_cells(shell: Any, cells: list[dict], skip: set[int], step_timeout: floa
     for cell in cells:
         if cell["index"] in skip:
             continue
-        progress.set(phase="cell", cell=cell["index"])
+        progress.set(phase=protocol.CELL, cell=cell["index"])
         counter[0] = 0
         exc: BaseException | None = None
         try:
@@ -616,7 +616,7 @@ _LOST = ("the grader's call watcher stopped during this call (a very deep recurs
 def _grade_exercise(k: int, exercise_id: str, name: str, namespace: dict, step_timeout: float,
                     grader_dir: str, progress: Progress, watcher: CallWatcher, counter: list[int],
                     restore: Any = lambda: None) -> None:
-    status = os.path.join(grader_dir, f"status_{k}.json")
+    status = os.path.join(grader_dir, protocol.status_file(k))
     exercise = EXERCISES.get(exercise_id)
     if exercise is None:
         _write_json(status, {"error": f"unknown exercise id {exercise_id!r}"})
@@ -625,11 +625,11 @@ def _grade_exercise(k: int, exercise_id: str, name: str, namespace: dict, step_t
         _write_json(status, {"missing": name})
         return
     student = namespace[name]
-    cases = _load(os.path.join(grader_dir, f"cases_{k}.pt"), weights_only=True)
+    cases = _load(os.path.join(grader_dir, protocol.cases_file(k)), weights_only=True)
     stopped = ""  # why the remaining cases are not run (a hang, too much output, no memory)
     for which in ("visible", "hidden"):
         for i, fields in enumerate(cases.get(which, [])):
-            path = os.path.join(grader_dir, f"out_{k}_{which}_{i}.pt")
+            path = os.path.join(grader_dir, protocol.output_file(k, which, i))
             if stopped:
                 _write_pt(path, {"kind": "error", "message": f"not run: an earlier case {stopped}",
                                  "extra": None})
@@ -637,7 +637,7 @@ def _grade_exercise(k: int, exercise_id: str, name: str, namespace: dict, step_t
             case = Case(**fields)
             entry: dict = {"extra": None}
             restore()
-            progress.set(phase="case", k=k, which=which, i=i)
+            progress.set(phase=protocol.CASE, k=k, which=which, i=i)
             counter[0] = 0
             try:
                 output = _call_case(exercise, student, case, watcher, step_timeout)
@@ -648,7 +648,7 @@ def _grade_exercise(k: int, exercise_id: str, name: str, namespace: dict, step_t
                 else:
                     entry.update(kind="value", value=_plain(output))
                     if exercise.extra_check is not None:
-                        progress.set(phase="extra", k=k, which=which, i=i)
+                        progress.set(phase=protocol.EXTRA, k=k, which=which, i=i)
                         counter[0] = 0
                         try:
                             extra = _call_case(exercise, student, case, watcher, step_timeout, extra=True)
@@ -756,7 +756,7 @@ def _restore(intact: dict[str, Any]) -> list[str]:
 
 def main(grader_dir: str) -> int:
     global _progress, _memory_limit, _output_limit
-    with _open(os.path.join(grader_dir, "job.json")) as f:
+    with _open(os.path.join(grader_dir, protocol.JOB)) as f:
         job = json.load(f)
     step_timeout = float(job["step_timeout"])
     _memory_limit = job.get("memory_limit")
@@ -812,12 +812,12 @@ def main(grader_dir: str) -> int:
     for k, (exercise_id, name) in enumerate(exercises):
         if k < start:
             continue
-        progress.set(phase="exercise", k=k)
+        progress.set(phase=protocol.EXERCISE, k=k)
         restore()
         _grade_exercise(k, exercise_id, name, namespace, step_timeout, grader_dir, progress,
                         watchers[k], counter, restore)
-    progress.set(phase="done")
-    _write_json(os.path.join(grader_dir, "done.json"), {"done": True})
+    progress.set(phase=protocol.FINISHED)
+    _write_json(os.path.join(grader_dir, protocol.DONE), {"done": True})
     try:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -100,6 +100,7 @@ from typing import Any, Iterable
 
 import torch
 
+from . import protocol
 from .core import EXERCISES, Case, judge
 from .notebook import (
     GradingError,
@@ -447,8 +448,8 @@ def _sandbox_options() -> dict:
 def _run_attempt(workdir: Path, config: dict, deadline: float, step_timeout: float,
                  output_limit: int, disk_limit: int, log: _Log) -> _Attempt:
     grader = workdir / "grader"
-    _safe_write(grader / "sandbox_config.json", json.dumps(config).encode())
-    proc = subprocess.Popen([sys.executable, "-I", "-B", str(SANDBOX_SCRIPT), str(grader / "sandbox_config.json")],
+    _safe_write(grader / protocol.SANDBOX_CONFIG, json.dumps(config).encode())
+    proc = subprocess.Popen([sys.executable, "-I", "-B", str(SANDBOX_SCRIPT), str(grader / protocol.SANDBOX_CONFIG)],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env=config["env"], cwd=str(workdir / "home"), start_new_session=True,
                             close_fds=True)
@@ -464,7 +465,7 @@ def _run_attempt(workdir: Path, config: dict, deadline: float, step_timeout: flo
     try:
         while True:
             returncode = 0 if _exited(proc) else None  # not reaped yet: its group id stays reserved
-            progress = _read_json(grader / "progress.json") or progress
+            progress = _read_json(grader / protocol.PROGRESS) or progress
             now = time.monotonic()
             if progress.get("step") != step:
                 step, step_start = progress.get("step"), now
@@ -474,7 +475,7 @@ def _run_attempt(workdir: Path, config: dict, deadline: float, step_timeout: flo
             if now >= deadline:
                 killed = "deadline"
                 break
-            if progress.get("phase") in ("cell", "case", "extra", "exercise") \
+            if progress.get("phase") in (protocol.CELL, *protocol.CHECK_PHASES) \
                     and now - step_start > step_timeout + grace:
                 killed = "step"
                 break
@@ -492,16 +493,16 @@ def _run_attempt(workdir: Path, config: dict, deadline: float, step_timeout: flo
         reader.stop.set()
         reader.join(timeout=5)
         proc.stdout.close()
-    final = _read_json(grader / "progress.json")
+    final = _read_json(grader / protocol.PROGRESS)
     if isinstance(final, dict):
         progress = final
-    exit_info = _read_json(grader / "exit.json") or {}
-    sandbox = _read_json(grader / "sandbox.json") or {}
+    exit_info = _read_json(grader / protocol.EXIT) or {}
+    sandbox = _read_json(grader / protocol.SANDBOX_REPORT) or {}
     sig = exit_info.get("signal") if isinstance(exit_info, dict) else None
     code = exit_info.get("code") if isinstance(exit_info, dict) and "code" in exit_info else proc.returncode
     if sig is None and proc.returncode is not None and proc.returncode < 0 and not killed:
         sig = -proc.returncode
-    done = _safe_read(grader / "done.json", 1024) is not None
+    done = _safe_read(grader / protocol.DONE, 1024) is not None
     return _Attempt(done, progress if isinstance(progress, dict) else {}, code,
                     sig if isinstance(sig, int) else None, killed, sandbox if isinstance(sandbox, dict) else {},
                     started=bool(progress))
@@ -554,9 +555,9 @@ def _describe(att: _Attempt, step_timeout: float, limits: dict) -> str:
 
 def _where(progress: dict, needed: list[tuple[str, str]]) -> str:
     phase = progress.get("phase")
-    if phase == "cell":
+    if phase == protocol.CELL:
         return f"while running cell {progress.get('cell')} of the notebook"
-    if phase in ("case", "extra", "exercise") and isinstance(progress.get("k"), int) \
+    if phase in protocol.CHECK_PHASES and isinstance(progress.get("k"), int) \
             and 0 <= progress["k"] < len(needed):
         return f"while calling {needed[progress['k']][1]}"
     return "while starting"
@@ -721,17 +722,17 @@ class _Run:
         self.defines = {c["index"]: defined_names(c["source"]) for c in cells}
         while True:
             for k in range(start, len(self.needed)):  # fresh files for what this attempt grades
-                for f in list(self.grader.glob(f"out_{k}_*")) + list(self.grader.glob(f"status_{k}.json")):
+                for f in list(self.grader.glob(protocol.output_pattern(k))) + list(self.grader.glob(protocol.status_file(k))):
                     f.unlink(missing_ok=True)
-            for name in ("progress.json", "done.json", "exit.json", "sandbox.json"):
+            for name in protocol.PER_ATTEMPT:
                 (self.grader / name).unlink(missing_ok=True)
             for k, data in case_bytes.items():
                 if k >= start:
-                    _safe_write(self.grader / f"cases_{k}.pt", data)
+                    _safe_write(self.grader / protocol.cases_file(k), data)
             job = {"cells": cells, "skip": sorted(self.skip), "exercises": self.needed, "start": start,
                    "step_timeout": self.step, "output_limit": self.limits["output"],
                    "memory_limit": self.limits["memory"]}
-            _safe_write(self.grader / "job.json", json.dumps(job).encode())
+            _safe_write(self.grader / protocol.JOB, json.dumps(job).encode())
             if attempt:
                 what = [f"skipping cell{'s' if len(self.skip) > 1 else ''} {', '.join(map(str, sorted(self.skip)))}"
                         ] if self.skip else []
@@ -763,7 +764,7 @@ class _Run:
             progress = att.progress
             last = len(self.needed) if att.done else self._culprit_exercise(progress, start)
             self._collect(start, last)
-            if att.done or progress.get("phase") == "done":
+            if att.done or progress.get("phase") == protocol.FINISHED:
                 break
             if att.killed == "deadline":
                 timed_out = f"timed out: the notebook's code did not finish within {timeout:g} s"
@@ -776,13 +777,13 @@ class _Run:
                                    (self.log.text().strip().splitlines() or ["no output"])[-1][:500])
             message = _describe(att, self.step, self.limits)
             phase = progress.get("phase")
-            if phase == "cell" and isinstance(progress.get("cell"), int):
+            if phase == protocol.CELL and isinstance(progress.get("cell"), int):
                 cell = progress["cell"]
                 self.skip[cell] = message
                 self.cell_errors[cell] = f"did not run to the end: {message}"
                 self.notes.append(f"{message} while running cell {cell} of the notebook; the notebook was "
                                   "run again without it")
-            elif phase in ("case", "extra", "exercise"):
+            elif phase in protocol.CHECK_PHASES:
                 k = self._fault_in_exercise(progress, message)
                 self.notes.append(f"{message} {_where(progress, self.needed)}; the other exercises were "
                                   "graded in a fresh process")
@@ -792,7 +793,7 @@ class _Run:
                 self.notes.append(self.ended)
                 break
             attempt += 1
-            if start >= len(self.needed) and phase != "cell":
+            if start >= len(self.needed) and phase != protocol.CELL:
                 break
             if attempt > max_restarts:
                 self.ended = (f"not graded: the notebook stopped the grading process {attempt} times "
@@ -811,29 +812,29 @@ class _Run:
 
     def _culprit_exercise(self, progress: dict, start: int) -> int:
         """The exercises fully graded by the attempt that just ended: ``start`` up to this."""
-        if progress.get("phase") in ("case", "extra", "exercise") and isinstance(progress.get("k"), int):
+        if progress.get("phase") in protocol.CHECK_PHASES and isinstance(progress.get("k"), int):
             return progress["k"] + 1  # its cases before the fault count
         return start
 
     def _fault_in_exercise(self, progress: dict, message: str) -> int:
         k = progress.get("k")
-        if progress.get("phase") not in ("case", "extra", "exercise") or not isinstance(k, int):
+        if progress.get("phase") not in protocol.CHECK_PHASES or not isinstance(k, int):
             return len(self.needed)
         i = progress.get("i") if isinstance(progress.get("i"), int) else None
         which = progress.get("which") if progress.get("which") in ("visible", "hidden") else "visible"
-        self.faults[k] = (which, i if progress.get("phase") != "exercise" else None, message)
+        self.faults[k] = (which, i if progress.get("phase") != protocol.EXERCISE else None, message)
         return k
 
     def _collect(self, start: int, stop: int) -> None:
         """Read the results of exercises ``start`` to ``stop - 1``, once."""
         for k in range(start, min(stop, len(self.needed))):
-            status = _read_json(self.grader / f"status_{k}.json")
+            status = _read_json(self.grader / protocol.status_file(k))
             if isinstance(status, dict):
                 self.status[k] = status
             key = self.needed[k]
             for which in ("visible", "hidden"):
                 for i in range(len(self.cases[key][which])):
-                    out = self.grader / f"out_{k}_{which}_{i}.pt"
+                    out = self.grader / protocol.output_file(k, which, i)
                     if out.exists() or out.is_symlink():
                         self.results[(k, which, i)] = _load_output(out, self.limits["file"])
 

@@ -51,6 +51,12 @@ import os
 import resource
 import sys
 
+# The two files this launcher writes for the grader: copies of the names in
+# attnlib/grading/protocol.py (this file runs before attnlib can be imported; a test checks
+# that the copies agree).
+SANDBOX_REPORT = "sandbox.json"
+EXIT = "exit.json"
+
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
@@ -421,7 +427,7 @@ def _isolated(cfg: dict, report: dict) -> None:
     dropped = "nobody" if report["mode"] == "root" and (not cfg.get("userns", True)
                                                          or not _can_unshare_user()) else "userns"
     report["user"] = "nobody" if dropped == "nobody" else "an unprivileged user in its own user namespace"
-    _write_json(grader_fd, "sandbox.json", report)
+    _write_json(grader_fd, SANDBOX_REPORT, report)
     child = os.fork()
     if child == 0:
         try:
@@ -437,7 +443,7 @@ def _isolated(cfg: dict, report: dict) -> None:
                     # AppArmor gives on recent Ubuntu): run as we are, the network still cut
                     report["problems"].append(f"second user namespace: {exc.strerror}")
                     report["user"] = "the grader's user, in a user namespace"
-                    _write_json(grader_fd, "sandbox.json", report)
+                    _write_json(grader_fd, SANDBOX_REPORT, report)
             prctl(PR_SET_NO_NEW_PRIVS, 1)
             _exec_child(cfg)
         except BaseException as exc:  # the parent sees the exit code and this line
@@ -445,7 +451,7 @@ def _isolated(cfg: dict, report: dict) -> None:
         os._exit(121)
     status = _wait_for(child)
     try:
-        _write_json(grader_fd, "exit.json", {
+        _write_json(grader_fd, EXIT, {
             "status": status, "code": _code(status),
             "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None})
     except OSError:
@@ -490,7 +496,7 @@ def main(config_path: str) -> None:
     else:
         report["problems"].append(cfg.get("why_not_isolated") or "isolation switched off (isolate=False)")
     fd = os.open(grader, os.O_RDONLY | os.O_DIRECTORY)
-    _write_json(fd, "sandbox.json", report)
+    _write_json(fd, SANDBOX_REPORT, report)
     os.close(fd)
     _exec_child(cfg)
 
