@@ -5,58 +5,39 @@ Shapes follow PyTorch: ``(B, H, L, D)`` for queries and ``(B, H, S, D)`` for key
 Boolean masks hold ``True`` where attention is allowed.
 """
 
-from . import cost, measure, plotting
-from .attention import attention_entropy, attention_weights, scaled_dot_product_attention, softmax
-from .cost import attention_flops, attention_score_bytes
-from .flash import flash_attention, flash_attention_backward
-from .gqa import repeat_kv
-from .kv_cache import KVCache, kv_cache_bytes
-from .linear import elu_feature_map, linear_attention
-from .masks import causal_mask, padding_mask
-from .multihead import MultiHeadAttention
-from .positional import (
-    alibi_bias,
-    alibi_slopes,
-    apply_rope,
-    apply_rope_interleaved,
-    rope_permutation,
-    sinusoidal_positional_encoding,
+from . import (
+    attention,
+    cost,
+    flash,
+    gqa,
+    kv_cache,
+    linear,
+    masks,
+    measure,
+    multihead,
+    plotting,
+    positional,
+    rnn,
+    sparse,
+    vision,
 )
-from .rnn import ElmanRNN, hidden_state_gradient_norms
-from .sparse import bigbird_mask, longformer_mask, sliding_window_attention, sliding_window_mask
-from .vision import patchify, unpatchify
+from .attention import *  # noqa: F403  (each concept module lists its public names in __all__)
+from .cost import *  # noqa: F403
+from .flash import *  # noqa: F403
+from .gqa import *  # noqa: F403
+from .kv_cache import *  # noqa: F403
+from .linear import *  # noqa: F403
+from .masks import *  # noqa: F403
+from .multihead import *  # noqa: F403
+from .positional import *  # noqa: F403
+from .rnn import *  # noqa: F403
+from .sparse import *  # noqa: F403
+from .vision import *  # noqa: F403
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "KVCache",
-    "ElmanRNN",
-    "MultiHeadAttention",
-    "alibi_bias",
-    "alibi_slopes",
-    "apply_rope",
-    "apply_rope_interleaved",
-    "attention_entropy",
-    "attention_flops",
-    "attention_score_bytes",
-    "attention_weights",
-    "bigbird_mask",
-    "causal_mask",
-    "elu_feature_map",
-    "flash_attention",
-    "flash_attention_backward",
-    "hidden_state_gradient_norms",
-    "kv_cache_bytes",
-    "linear_attention",
-    "longformer_mask",
-    "padding_mask",
-    "patchify",
-    "repeat_kv",
-    "rope_permutation",
-    "scaled_dot_product_attention",
-    "sinusoidal_positional_encoding",
-    "sliding_window_attention",
-    "sliding_window_mask",
-    "softmax",
-    "unpatchify",
-]
+# The concept modules whose public names are attnlib's: a function added to one of them (and
+# to its __all__) is ``attnlib.<name>`` with no edit here.
+CONCEPT_MODULES = (attention, cost, flash, gqa, kv_cache, linear, masks, multihead, positional,
+                   rnn, sparse, vision)
+__all__ = sorted((name for module in CONCEPT_MODULES for name in module.__all__), key=str.lower)

@@ -33,6 +33,13 @@ from ._validate import check_floating, check_tensor, compute_dtype
 from .gqa import repeat_kv
 from .masks import causal_mask
 
+__all__ = [  # attnlib's public names from this module
+    "softmax",
+    "attention_weights",
+    "scaled_dot_product_attention",
+    "attention_entropy",
+]
+
 
 def softmax(x: Tensor, dim: int = -1) -> Tensor:
     """Numerically stable softmax along ``dim`` (chapter 2).

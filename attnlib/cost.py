@@ -20,6 +20,8 @@ import torch
 
 from ._validate import check_positive_int
 
+__all__ = ["attention_score_bytes", "attention_flops"]  # attnlib's public names from this module
+
 
 def _check_dtype(dtype: object) -> torch.dtype:
     if not isinstance(dtype, torch.dtype):

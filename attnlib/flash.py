@@ -38,6 +38,8 @@ from torch.autograd.function import once_differentiable
 from ._validate import check_positive_int, check_tensor, compute_dtype
 from .attention import _check_qkv
 
+__all__ = ["flash_attention", "flash_attention_backward"]  # attnlib's public names from this module
+
 # Measured on the 2-core CPU, fp32 (1, H, 4096, 64), best of 4-6:
 #   H=8: naive 1.04 s, flash 512x256 0.41 s (512x512 0.44, 256x256 0.42-0.49,
 #        128x128 0.48-0.55, key-block-outer loop no better);

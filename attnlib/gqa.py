@@ -7,6 +7,8 @@ from torch import Tensor
 
 from ._validate import check_positive_int, check_tensor
 
+__all__ = ["repeat_kv"]  # attnlib's public names from this module
+
 
 def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
     """Repeat each key/value head ``n_rep`` times along the head axis (chapter 6).

@@ -7,6 +7,8 @@ from torch import Tensor
 
 from ._validate import check_positive_int, check_tensor
 
+__all__ = ["KVCache", "kv_cache_bytes"]  # attnlib's public names from this module
+
 
 class KVCache:
     """Keys and values of the tokens decoded so far, for one attention layer (chapter 6).

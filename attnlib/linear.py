@@ -24,6 +24,8 @@ from torch import Tensor
 from ._validate import compute_dtype
 from .attention import _check_qkv
 
+__all__ = ["elu_feature_map", "linear_attention"]  # attnlib's public names from this module
+
 CHUNK_SIZE = 64
 """Positions per chunk in causal :func:`linear_attention`.
 

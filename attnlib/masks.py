@@ -12,6 +12,8 @@ from torch import Tensor
 
 from ._validate import check_positive_int, check_tensor
 
+__all__ = ["causal_mask", "padding_mask"]  # attnlib's public names from this module
+
 
 def causal_mask(
     L: int, S: int | None = None, device: torch.device | str | None = None

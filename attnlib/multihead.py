@@ -18,6 +18,8 @@ from .gqa import repeat_kv
 from .kv_cache import KVCache
 from .positional import apply_rope
 
+__all__ = ["MultiHeadAttention"]  # attnlib's public names from this module
+
 
 class MultiHeadAttention(nn.Module):
     """Multi-head attention: MHA, GQA or MQA by the choice of ``n_kv_heads`` (chapters 4-6).

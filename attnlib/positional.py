@@ -23,6 +23,15 @@ from torch import Tensor
 
 from ._validate import check_floating, check_positive_int, check_tensor
 
+__all__ = [  # attnlib's public names from this module
+    "sinusoidal_positional_encoding",
+    "rope_permutation",
+    "apply_rope",
+    "apply_rope_interleaved",
+    "alibi_slopes",
+    "alibi_bias",
+]
+
 
 def _check_base(base: object) -> float:
     if isinstance(base, bool) or not isinstance(base, (int, float)):

@@ -7,6 +7,8 @@ from torch import Tensor, nn
 
 from ._validate import check_positive_int, check_tensor
 
+__all__ = ["ElmanRNN", "hidden_state_gradient_norms"]  # attnlib's public names from this module
+
 
 class ElmanRNN(nn.Module):
     """The vanilla (Elman) RNN, written as the loop it is (chapter 1).

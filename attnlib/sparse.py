@@ -27,6 +27,13 @@ from torch import Generator, Tensor
 from ._validate import check_positive_int, compute_dtype
 from .attention import _check_qkv
 
+__all__ = [  # attnlib's public names from this module
+    "sliding_window_mask",
+    "longformer_mask",
+    "bigbird_mask",
+    "sliding_window_attention",
+]
+
 
 def _check_bool(value: object, name: str) -> bool:
     if not isinstance(value, bool):

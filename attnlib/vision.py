@@ -23,6 +23,8 @@ from torch import Tensor
 
 from ._validate import check_positive_int, check_tensor
 
+__all__ = ["patchify", "unpatchify"]  # attnlib's public names from this module
+
 
 def _validate_images(images: object, patch_size: int) -> tuple[int, int, int, int]:
     """Check a ``(B, C, H, W)`` batch of images whose sides are multiples of ``patch_size``."""

@@ -67,3 +67,27 @@ def test_cli_version_and_help():
     assert run.stdout.strip() == f"attnlib {attnlib.__version__}"
     run = subprocess.run([sys.executable, "-m", "attnlib.cli"], capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "selfcheck" in run.stdout
+
+
+@pytest.mark.parametrize("module", attnlib.CONCEPT_MODULES, ids=lambda m: m.__name__)
+def test_each_concept_module_exports_its_public_functions_and_classes(module):
+    """A concept module's __all__ is exactly its public functions and classes, and each is
+    ``attnlib.<name>``: adding a reference needs no edit outside its own module."""
+    public = [name for name, obj in vars(module).items()
+              if not name.startswith("_") and (inspect.isfunction(obj) or inspect.isclass(obj))
+              and obj.__module__ == module.__name__]
+    assert sorted(module.__all__) == sorted(public), f"{module.__name__}.__all__ must list {public}"
+    for name in module.__all__:
+        assert getattr(attnlib, name) is getattr(module, name), name
+    assert set(module.__all__) <= set(attnlib.__all__)
+
+
+def test_every_concept_module_is_listed():
+    """Every module of attnlib that defines public functions or classes (outside grading, the
+    command line and the helpers for pages) is a concept module."""
+    import pkgutil
+
+    helpers = {"cli", "measure", "plotting", "grading", "__main__"}
+    listed = {m.__name__.rsplit(".", 1)[1] for m in attnlib.CONCEPT_MODULES}
+    found = {m.name for m in pkgutil.iter_modules(attnlib.__path__) if not m.name.startswith("_")}
+    assert found - helpers == listed

@@ -169,7 +169,7 @@ def _same_signature(node: ast.FunctionDef, ref_node: ast.FunctionDef, ref_fn) ->
 def test_stubs_copy_the_reference_signature_and_docstring(assignment):
     nb = _read("notebooks", assignment)
     defs = _defs(nb)
-    number = builder.CHAPTERS[assignment]["number"]
+    number = int(assignment[:2])
     for ex_id, exercise in EXERCISES.items():
         if exercise.chapter != number:
             continue
@@ -200,7 +200,7 @@ def test_stubs_copy_the_reference_signature_and_docstring(assignment):
 
 def _graded_names(assignment: str) -> list[tuple[str, str | None]]:
     """(object, method or None) for every graded exercise of the chapter."""
-    number = builder.CHAPTERS[assignment]["number"]
+    number = int(assignment[:2])
     out = []
     for ex_id, exercise in EXERCISES.items():
         if exercise.chapter == number:
@@ -337,14 +337,14 @@ def test_install_cell_does_nothing_where_attnlib_is_installed(monkeypatch):
 def test_guidance_names_sections_that_exist_in_the_chapter():
     import re
 
-    for assignment, spec in builder.CHAPTERS.items():
+    for assignment, module in builder.CHAPTERS.items():
         headings = {" ".join(line.lstrip("#").split()) for line in
                     (REPO / "book" / f"{assignment}.md").read_text().splitlines() if line.startswith("#")}
         cited = []
-        for ex in spec["exercises"]:
-            text = " ".join(ex.get("guide", "").split())
+        for ex in module.EXERCISES:
+            text = " ".join((ex.guide or "").split())
             for match in re.finditer(r"sections? \*([^*]+)\*(?: and \*([^*]+)\*)?", text):
                 cited += [g for g in match.groups() if g]
-        assert all(ex.get("guide") is None or "section" in ex["guide"] for ex in spec["exercises"])
+        assert all(ex.guide is None or "section" in ex.guide for ex in module.EXERCISES)
         missing = [c for c in cited if c not in headings]
         assert cited and not missing, (assignment, missing)

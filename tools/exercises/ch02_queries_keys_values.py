@@ -1,0 +1,153 @@
+"""Chapter 2's exercise notebook as its author writes it: text, points, solutions, explores.
+
+``make release`` builds ``solutions/02_queries_keys_values/`` and
+``notebooks/02_queries_keys_values/`` from this file (see ``tools/exercises/__init__.py``);
+the cases and named mistakes that grade the notebook are in
+``attnlib/grading/exercises/ch02_queries_keys_values.py``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib.pyplot as plt
+import torch
+from torch import Tensor
+
+import attnlib
+
+from . import Exercise
+
+INTRO = """\
+You write the two functions every later chapter builds on: a softmax that cannot overflow,
+and scaled dot-product attention with PyTorch's arguments and mask conventions."""
+
+# Imports of this notebook after the common ones (tools/build_exercises.py, BASE_IMPORTS).
+IMPORTS = ""
+
+
+# softmax ------------------------------------------------------------------------------
+
+def softmax(x: Tensor, dim: int = -1) -> Tensor:
+    work = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    z = x.to(work)
+    peak = z.amax(dim=dim, keepdim=True)
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))  # all -inf row: shift by 0
+    e = torch.exp(z - peak)
+    total = e.sum(dim=dim, keepdim=True)
+    total = torch.where(total == 0, torch.ones_like(total), total)  # all -inf row: zeros, not NaN
+    return (e / total).to(x.dtype)
+
+
+def explore_softmax() -> None:
+    """Your softmax on huge logits, beside attnlib's."""
+    logits = torch.tensor([[1000.0, 1001.0, 1002.0, 999.0]])
+    ours = softmax(logits)
+    theirs = attnlib.softmax(logits)
+    print("yours:  ", ours)
+    print("attnlib:", theirs)
+    print("naive:  ", torch.exp(logits) / torch.exp(logits).sum(-1, keepdim=True), "(overflow)")
+    plt.bar(range(4), ours[0].numpy(), alpha=0.6, label="yours")
+    plt.bar(range(4), theirs[0].numpy(), alpha=0.6, label="attnlib")
+    plt.legend(); plt.xlabel("key"); plt.ylabel("weight"); plt.show()
+
+
+# scaled_dot_product_attention ---------------------------------------------------------
+
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    work = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
+    q, k, v = query.to(work), key.to(work), value.to(work)
+    if enable_gqa and k.size(-3) != q.size(-3):  # grouped-query attention: share each KV head
+        n_rep = q.size(-3) // k.size(-3)
+        k = k.repeat_interleave(n_rep, dim=-3)
+        v = v.repeat_interleave(n_rep, dim=-3)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.size(-1))
+    scores = (q @ k.transpose(-2, -1)) * scale  # (..., L, S)
+    L, S = scores.shape[-2:]
+    if is_causal:
+        allowed = torch.ones(L, S, dtype=torch.bool, device=scores.device).tril()
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = torch.where(attn_mask, scores, torch.full_like(scores, float("-inf")))
+        else:
+            scores = scores + attn_mask.to(work)
+    weights = softmax(scores, dim=-1)  # a fully masked row gives zeros
+    if dropout_p > 0.0:
+        keep = torch.rand(weights.shape, generator=generator, device=weights.device) >= dropout_p
+        weights = weights * keep / (1.0 - dropout_p)
+    return (weights @ v).to(query.dtype)  # (..., L, Ev)
+
+
+def explore_scaled_dot_product_attention() -> None:
+    """A soft lookup. Each query is close to one key; which value does it get?"""
+    torch.manual_seed(0)
+    keys = torch.eye(4, 8)                 # 4 keys, 8 dimensions
+    values = torch.arange(4.0)[:, None]    # value j is the number j
+    queries = 3 * keys[[2, 0, 3]] + 0.3 * torch.randn(3, 8)
+    out = scaled_dot_product_attention(queries, keys, values)
+    ref = attnlib.scaled_dot_product_attention(queries, keys, values)
+    print("yours:  ", out.squeeze(-1))
+    print("attnlib:", ref.squeeze(-1), "(queries were built near keys 2, 0, 3)")
+    w = attnlib.attention_weights(queries, keys)
+    plt.imshow(w.numpy(), cmap="viridis"); plt.colorbar(); plt.xlabel("key"); plt.ylabel("query")
+    plt.title("attention weights (attnlib)"); plt.show()
+
+
+EXERCISES = [
+    Exercise(
+        "softmax",
+        points=3,
+        solution=softmax,
+        guide="""\
+Write a numerically stable softmax along `dim` (Chapter 2, section *A softmax that cannot
+overflow*). Subtract the maximum along `dim` before exponentiating: the result is unchanged,
+and logits of $10^4$ no longer overflow. Two details the naive formula gets wrong:
+
+* a row that is entirely `-inf` (every key masked) must come out as zeros, not NaN;
+* float16/bfloat16 inputs are computed in float32 and cast back at the end.""",
+        hints=(
+            "`x.amax(dim=dim, keepdim=True)` keeps the axis, so the subtraction broadcasts.",
+            "The maximum of an all `-inf` row is `-inf`, and `-inf - (-inf)` is NaN: replace a non-finite maximum by 0 (`torch.where` with `torch.isfinite`).",
+            "Such a row then sums to 0: divide by 1 instead of 0 there.",
+            "`torch.softmax`, `F.softmax` and `Tensor.softmax` are off limits.",
+        ),
+        explore=explore_softmax,
+    ),
+    Exercise(
+        "scaled_dot_product_attention",
+        points=5,
+        solution=scaled_dot_product_attention,
+        guide=r"""
+Write $\mathrm{softmax}(QK^\top \cdot \text{scale} + \text{mask})\,V$ with the arguments of
+`torch.nn.functional.scaled_dot_product_attention` (Chapter 2, sections *All queries at once*
+and *The code*). The conventions, all tested:
+
+* `scale=None` means $1/\sqrt{E}$, with $E$ the last dimension of the query;
+* a boolean `attn_mask` marks with `True` the keys a query **may** attend to; a floating
+  mask is **added** to the scores; either one broadcasts against `(..., L, S)`;
+* `is_causal=True` lets query `i` see keys `0..i`, aligned top-left even when `L != S`, and
+  combines with `attn_mask` when both are given;
+* a query row whose keys are all masked gets zero weights (and a zero output), not NaN;
+* float16/bfloat16 are computed in float32; the output has the query's dtype.""",
+        hints=(
+            "Compute the scores with `query @ key.transpose(-2, -1)`: shape `(..., L, S)`.",
+            "Turn every mask into `-inf` entries of the scores (`torch.where(mask, scores, -inf)` for a boolean one), then use your `softmax` from above.",
+            "`torch.ones(L, S, dtype=torch.bool).tril()` is the top-left causal mask.",
+            "`F.scaled_dot_product_attention` is off limits; so is attnlib.",
+        ),
+        explore=explore_scaled_dot_product_attention,
+    ),
+]

@@ -1,0 +1,160 @@
+"""Chapter 10's exercise notebook as its author writes it: text, points, solutions, explores.
+
+``make release`` builds ``solutions/10_sparse_linear/`` and ``notebooks/10_sparse_linear/``
+from this file (see ``tools/exercises/__init__.py``); the cases and named mistakes that
+grade the notebook are in ``attnlib/grading/exercises/ch10_sparse_linear.py``.
+"""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import torch
+from torch import Tensor
+
+import attnlib
+
+from collections.abc import Callable, Sequence  # for the annotations
+
+from . import Exercise
+
+INTRO = r"""
+You write two sparse attention patterns (a sliding window and Longformer's window plus
+global tokens) and linear attention, which reassociates the products so that the
+$L \times S$ matrix is never formed."""
+
+# Imports of this notebook after the common ones (tools/build_exercises.py, BASE_IMPORTS).
+IMPORTS = "from collections.abc import Callable, Sequence  # for the annotations"
+
+
+# sliding_window_mask ------------------------------------------------------------------
+
+def sliding_window_mask(L: int, window: int, causal: bool = False) -> Tensor:
+    pos = torch.arange(L)
+    d = pos[:, None] - pos[None, :]  # (L, L): i - j
+    if causal:
+        return (d >= 0) & (d <= window)
+    return d.abs() <= window
+
+
+
+# longformer_mask ----------------------------------------------------------------------
+
+def longformer_mask(L: int, window: int, global_tokens: Sequence[int] | Tensor) -> Tensor:
+    mask = sliding_window_mask(L, window).clone()  # (L, L)
+    idx = torch.as_tensor(global_tokens, dtype=torch.long).reshape(-1)
+    mask[idx, :] = True  # global tokens see everything
+    mask[:, idx] = True  # and are seen by everything
+    return mask
+
+
+def explore_longformer_mask() -> None:
+    """The patterns, yours beside attnlib's."""
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.5))
+    axes[0].imshow(sliding_window_mask(24, 3).numpy()); axes[0].set_title("sliding window, reach 3")
+    axes[1].imshow(longformer_mask(24, 3, [0, 12]).numpy()); axes[1].set_title("yours: + global 0, 12")
+    axes[2].imshow(attnlib.longformer_mask(24, 3, [0, 12]).numpy()); axes[2].set_title("attnlib")
+    plt.show()
+    print("fraction of pairs kept:", longformer_mask(24, 3, [0, 12]).float().mean().item())
+
+
+# linear_attention ---------------------------------------------------------------------
+
+def linear_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    causal: bool = False,
+    feature_map: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    work = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
+    if feature_map is None:
+        def feature_map(t: Tensor) -> Tensor:  # elu(t) + 1, without the cancellation of exp(t) - 1 + 1
+            return torch.where(t > 0, t + 1, torch.exp(t.clamp(max=0)))
+    q = feature_map(query.to(work))  # (..., L, E')
+    k = feature_map(key.to(work))  # (..., S, E')
+    v = value.to(work)  # (..., S, Ev)
+    L, S = q.size(-2), k.size(-2)
+    if not causal:
+        state = k.transpose(-2, -1) @ v  # (..., E', Ev)
+        num = q @ state  # (..., L, Ev)
+        den = q @ k.sum(dim=-2).unsqueeze(-1)  # (..., L, 1)
+    else:
+        state = q.new_zeros((*k.shape[:-2], k.size(-1), v.size(-1)))  # sum of phi(k_j) v_j^T, j <= i
+        norm = q.new_zeros((*k.shape[:-2], k.size(-1)))  # sum of phi(k_j), j <= i
+        nums, dens = [], []
+        for i in range(L):
+            if i < S:
+                state = state + k[..., i, :, None] * v[..., i, None, :]
+                norm = norm + k[..., i, :]
+            nums.append((q[..., i, None, :] @ state).squeeze(-2))  # (..., Ev)
+            dens.append((q[..., i, :] * norm).sum(dim=-1, keepdim=True))  # (..., 1)
+        if L == 0:
+            num, den = q.new_zeros((*q.shape[:-1], v.size(-1))), q.new_zeros((*q.shape[:-1], 1))
+        else:
+            num, den = torch.stack(nums, dim=-2), torch.stack(dens, dim=-2)
+    out = num / torch.where(den == 0, torch.ones_like(den), den)
+    return out.to(query.dtype)
+
+
+def explore_linear_attention() -> None:
+    """Linear attention is a different function from softmax attention."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 32, 8), torch.randn(1, 32, 8), torch.randn(1, 32, 4)
+    ours = linear_attention(q, k, v, causal=True)
+    print("largest difference from attnlib:", (ours - attnlib.linear_attention(q, k, v, causal=True)).abs().max().item())
+    soft = attnlib.scaled_dot_product_attention(q, k, v, is_causal=True)
+    plt.plot(ours[0, :, 0].numpy(), label="linear attention (yours)")
+    plt.plot(soft[0, :, 0].numpy(), "--", label="softmax attention")
+    plt.xlabel("position"); plt.ylabel("output channel 0"); plt.legend(); plt.show()
+
+
+EXERCISES = [
+    Exercise(
+        "sliding_window_mask",
+        points=2,
+        solution=sliding_window_mask,
+        guide=r"""
+Return the `(L, L)` boolean mask of a local pattern (Chapter 10, section *Attention on a
+pattern*). `window` is the **reach**: non-causal, query `i` sees key `j` iff
+$|i - j| \le$ `window`; causal, iff $0 \le i - j \le$ `window`.""",
+        hints=(
+            "`d = i - j` for every pair: `torch.arange(L)[:, None] - torch.arange(L)[None, :]`.",
+        ),
+    ),
+    Exercise(
+        "longformer_mask",
+        points=3,
+        solution=longformer_mask,
+        guide="""\
+Longformer (Chapter 10, section *The three patterns*) adds **global** tokens to the sliding
+window: a global token attends to every position (its row is all `True`) and every position
+attends to it (its column is all `True`). `global_tokens` is a list of ints or a 1-D integer
+tensor; it may be empty and may hold duplicates. Start from your `sliding_window_mask`.""",
+        hints=(
+            "`torch.as_tensor(global_tokens, dtype=torch.long)` handles a list, an empty list and a tensor.",
+            "Then `mask[idx, :] = True` and `mask[:, idx] = True`.",
+        ),
+        explore=explore_longformer_mask,
+    ),
+    Exercise(
+        "linear_attention",
+        points=5,
+        solution=linear_attention,
+        guide=r"""
+Linear attention (Chapter 10, section *Linear attention*) replaces
+$\exp(q \cdot k)$ by $\phi(q)\cdot\phi(k)$:
+
+$$\text{out}_i = \frac{\phi(q_i)^\top \sum_j \phi(k_j) v_j^\top}{\phi(q_i)^\top \sum_j \phi(k_j)},$$
+
+the sums over every key, or over $j \le i$ with `causal` (top-left aligned when `L != S`).
+The default $\phi$ is $\mathrm{elu}(x) + 1$, computed as `x + 1` for `x > 0` and `exp(x)`
+otherwise. No softmax, no scale. Do not build the `L x S` matrix: non-causal, compute
+$\phi(K)^\top V$ first; causal, carry the two sums as a running state. A zero denominator
+gives a zero output. Compute float16/bfloat16 in float32.""",
+        hints=(
+            "Non-causal: `state = phi_k.transpose(-2, -1) @ v` is `(..., E', Ev)`; `norm = phi_k.sum(-2)`.",
+            "Causal: loop over positions `i`, adding `phi(k_i) v_i^T` to the state before using it for query `i`; keys past the last query are never used, and queries past the last key see all of them.",
+        ),
+        explore=explore_linear_attention,
+    ),
+]
