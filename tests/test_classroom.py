@@ -119,13 +119,13 @@ def test_one_failing_student_does_not_stop_the_class(tmp_path):
             raise RuntimeError("boom")
         return FakeReport()
 
-    import attnlib.grading.runner as runner
-    saved = runner.format_table
-    runner.format_table = lambda report, width=None: "table"
+    import attnlib.grading.report as report_module
+    saved = report_module.format_table
+    report_module.format_table = lambda report, width=None: "table"
     try:
         results = grade_class(a, root=tmp_path, grade_fn=fake, progress=False, jobs=2)
     finally:
-        runner.format_table = saved
+        report_module.format_table = saved
     by = {r.student: r for r in results}
     assert by["ann"].score == 8
     assert by["ben"].score == 0

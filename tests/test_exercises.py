@@ -348,3 +348,18 @@ def test_guidance_names_sections_that_exist_in_the_chapter():
         assert all(ex.guide is None or "section" in ex.guide for ex in module.EXERCISES)
         missing = [c for c in cited if c not in headings]
         assert cited and not missing, (assignment, missing)
+
+
+def test_nbgrader_config_uses_the_graders_hidden_test_markers():
+    """The markers are written once, in attnlib.grading.notebook; nbgrader's configuration (which
+    removes the hidden tests on release) must name the same ones."""
+    from traitlets.config import Config
+
+    from attnlib.grading.notebook import HIDDEN_BLOCK
+
+    config = Config()
+    exec(compile((REPO / "nbgrader_config.py").read_text(), "nbgrader_config.py", "exec"),
+         {"get_config": lambda: config, "__file__": str(REPO / "nbgrader_config.py")})
+    begin, end = (marker.lstrip("#").strip() for marker in HIDDEN_BLOCK)
+    assert config.ClearHiddenTests.begin_test_delimeter == begin
+    assert config.ClearHiddenTests.end_test_delimeter == end

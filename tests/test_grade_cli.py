@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from attnlib.cli import main as cli_main
-from attnlib.grading import notebook, runner
+from attnlib.grading import notebook, runner, supervisor
 from attnlib.grading.runner import GradingError, grade_notebook
 
 FIXTURES = Path(__file__).parent / "fixtures" / "grading"
@@ -222,12 +222,12 @@ def test_objects_that_are_not_plain_tensors_do_not_load(tmp_path: Path) -> None:
     for i, value in enumerate([torch.zeros(2).as_subclass(Sneaky), Sneaky, runner.Item("x", 1)]):
         path = tmp_path / f"out_{i}.pt"
         torch.save({"kind": "value", "value": value, "extra": None}, path)
-        entry = runner._load_output(path)
+        entry = supervisor.load_output(path)
         assert entry["kind"] == "unsupported"
         assert "not a plain torch.Tensor" in entry["message"]
     path = tmp_path / "ok.pt"
     torch.save({"kind": "value", "value": (torch.ones(2), 3, "s", None), "extra": None}, path)
-    assert runner._load_output(path)["kind"] == "value"
+    assert supervisor.load_output(path)["kind"] == "value"
     # what does load (e.g. a set) is still judged by type in the parent
     from attnlib.grading import EXERCISES, judge
 

@@ -31,7 +31,7 @@ from typing import Any, Callable
 import pytest
 
 from attnlib.cli import main as cli_main
-from attnlib.grading import runner
+from attnlib.grading import runner, supervisor
 from attnlib.grading.runner import GradingError, Report, grade_notebook
 
 FIXTURES = Path(__file__).parent / "fixtures" / "grading"
@@ -540,7 +540,7 @@ def test_case(corpus: Corpus, name: str) -> None:
     for word in case.notes:
         assert any(word in n for n in report.notes), (word, report.notes)
     assert graded.before == graded.after, "the submission's folder changed"
-    assert report.log == report.log[:runner.LOG_LIMIT + 200]
+    assert report.log == report.log[:supervisor.LOG_LIMIT + 200]
 
 
 def test_corrupt_json_is_a_grading_error(corpus: Corpus, capsys: pytest.CaptureFixture) -> None:
@@ -724,7 +724,7 @@ def test_root_without_user_namespaces(tmp_path: Path, monkeypatch: pytest.Monkey
     again without namespaces, with a note."""
     if os.geteuid() != 0:
         pytest.skip("needs root")
-    monkeypatch.setattr(runner, "_sandbox_options", lambda: {"userns": False})
+    monkeypatch.setattr(supervisor, "_sandbox_options", lambda: {"userns": False})
     nb = copy.deepcopy(CORRECT)
     nb["cells"].insert(CELL["sdpa"] + 1, code_cell("import os\nprint('UID:', os.getuid())\n"))
     path = tmp_path / "root.ipynb"
@@ -851,9 +851,54 @@ def test_watcher_spares_every_chapter_module_and_nothing_of_its_own() -> None:
     missing = files - watcher.exempt_files
     assert not missing, f"exercise modules the watcher would blame for the learner: {missing}"
     grading_dir = os.path.dirname(os.path.abspath(child.__file__))
-    for own in ("core.py", "child.py", "runner.py", "sandbox.py", "__init__.py"):
+    for own in ("core.py", "child.py", "runner.py", "supervisor.py", "report.py", "protocol.py", "notebook.py",
+                "sandbox.py", "__init__.py"):
         assert os.path.join(grading_dir, own) not in watcher.exempt_files, own
 
+
+def test_the_grader_code_guard_covers_every_module_the_child_runs() -> None:
+    """The child puts back the grader's code a notebook replaced: that of every top-level
+    grading module it imports (the chapter modules are the exercises' checks), protocol.py's
+    names and writer included."""
+    import subprocess
+    import sys
+
+    from attnlib.grading import child, protocol
+
+    code = ("import sys, attnlib.grading.child\n"
+            "print(' '.join(m for m in sys.modules if m.startswith('attnlib.grading.')))")
+    loaded = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True,
+                            check=True).stdout.split()
+    top = {m for m in loaded if m.count(".") == 2 and m != "attnlib.grading.exercises"}
+    assert {"attnlib.grading.child", "attnlib.grading.core", "attnlib.grading.protocol"} <= top
+    chapters = {m for m in loaded if m.startswith("attnlib.grading.exercises.")}
+    assert "attnlib.grading.exercises.common" in chapters and len(chapters) > 2, chapters
+    guarded = {m.__name__ for m in child._guarded_modules()}
+    assert top | chapters <= guarded, (top | chapters) - guarded
+    name = protocol.__name__
+    intact = {k: v for k, v in child._snapshot().items() if k.startswith(name + ".")}
+    write, case, code_of_read = protocol.write_atomic, protocol.CASE, protocol.read_json.__code__
+    try:
+        protocol.write_atomic = lambda path, data: None
+        protocol.CASE = protocol.CELL
+        protocol.read_json.__code__ = (lambda path, limit=0: None).__code__
+        changed = child._restore(intact)
+    finally:
+        protocol.write_atomic, protocol.CASE, protocol.read_json.__code__ = write, case, code_of_read
+    assert set(changed) == {f"{name}.write_atomic", f"{name}.CASE", f"{name}.read_json.__code__"}, changed
+    assert child._restore(intact) == []
+
+    # a chapter module's check, replaced by the notebook, is put back too
+    from attnlib.grading.exercises import ch05_self_cross_masks as chapter
+
+    intact = {k: v for k, v in child._snapshot().items() if k.startswith(chapter.__name__ + ".")}
+    cases = chapter._causal_cases
+    try:
+        chapter._causal_cases = lambda hidden: []
+        changed = child._restore(intact)
+    finally:
+        chapter._causal_cases = cases
+    assert changed == [f"{chapter.__name__}._causal_cases"], changed
 
 def test_watcher_notices_being_switched_off() -> None:
     import torch
@@ -916,7 +961,7 @@ def test_course_under_a_scratch_directory(tmp_path: Path, monkeypatch: pytest.Mo
     if not isolated(plain):
         pytest.skip(f"no namespaces here: {plain.sandbox.get('problems')}")
     scratch = sorted({tempfile.gettempdir(), "/tmp", "/dev/shm", str(root.parent)})
-    monkeypatch.setattr(runner, "_sandbox_options", lambda: {"scratch": scratch})
+    monkeypatch.setattr(supervisor, "_sandbox_options", lambda: {"scratch": scratch})
     report = grade_notebook(path, source=SOURCE, **FAST)
     assert report.score == 6, report.notes
     assert isolated(report), report.sandbox
@@ -928,7 +973,7 @@ def test_course_under_a_scratch_directory(tmp_path: Path, monkeypatch: pytest.Mo
 def test_namespaces_without_mounts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Namespaces but no mounts (a user namespace without capabilities, as AppArmor gives on
     recent Ubuntu): the network is still cut, and the note says nothing is hidden."""
-    monkeypatch.setattr(runner, "_sandbox_options", lambda: {"mount": False})
+    monkeypatch.setattr(supervisor, "_sandbox_options", lambda: {"mount": False})
     path = _build("network", tmp_path)
     report = grade_notebook(path, source=SOURCE, **FAST)
     assert report.score == 6
@@ -952,17 +997,18 @@ def test_the_sandbox_launchers_file_names_agree_with_the_protocol() -> None:
 
 
 def test_no_protocol_name_is_spelt_out_on_either_side() -> None:
-    """The parent (runner.py) and the child (child.py) name the files and phases through
-    protocol.py only: a literal file name or phase string on one side could drift."""
+    """The parent (runner.py, supervisor.py, report.py) and the child (child.py) name the
+    files and phases through protocol.py only: a literal file name or phase string on one side
+    could drift."""
     import re
 
-    from attnlib.grading import child, protocol, runner
+    from attnlib.grading import child, protocol, report, runner, supervisor
 
     names = [protocol.SANDBOX_CONFIG, protocol.JOB, protocol.PROGRESS, protocol.DONE,
              protocol.SANDBOX_REPORT, protocol.EXIT, "cases_", "status_", "out_"]
     phases = [protocol.START, protocol.CELL, protocol.CASE, protocol.EXTRA, protocol.EXERCISE,
               protocol.FINISHED]
-    for module in (runner, child):
+    for module in (runner, supervisor, report, child):
         code = re.sub(r'"""[\s\S]*?"""', "", Path(module.__file__).read_text())  # not the docs
         code = "\n".join(line.split("#")[0] for line in code.splitlines())  # not the comments
         for name in names:

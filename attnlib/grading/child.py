@@ -1,6 +1,6 @@
 """The child process of ``attnlib grade``: runs the learner's notebook code, never judges it.
 
-Started by :mod:`attnlib.grading.runner` through :mod:`attnlib.grading.sandbox` as
+Started by :mod:`attnlib.grading.supervisor` through :mod:`attnlib.grading.sandbox` as
 ``python -I -B -X faulthandler -m attnlib.grading.child GRADER_DIR``: in its own process
 group, in a private working directory that holds only a copy of the submission, with a
 scrubbed environment and resource limits, and with the wall-clock limits enforced by the
@@ -15,8 +15,8 @@ parent. ``GRADER_DIR`` holds:
 * ``cases_<k>.pt`` (from the parent): for exercise ``k``, ``{"visible": [...], "hidden":
   [...]}`` of cases as plain dicts (loaded with ``torch.load(weights_only=True)``).
 
-The child writes back, each file atomically (written then renamed), so that a parent that
-kills it still finds everything finished before:
+The child writes back, each file atomically (:func:`attnlib.grading.protocol.write_atomic`:
+written then renamed), so that a parent that kills it still finds everything finished before:
 
 * ``progress.json``: a step counter, what runs now (``{"phase": "cell", "cell": 5}``,
   ``{"phase": "case", "k": 0, "which": "hidden", "i": 3}`` or ``"extra"`` for the
@@ -45,9 +45,10 @@ counted.
 Everything this module needs is imported, and bound to local names, before the learner's
 code runs, so that a notebook that replaces ``torch.save`` and the like does not change what
 is written (the comparison itself happens in the parent anyway). The grader's own functions
-and classes (here and in :mod:`attnlib.grading.core`) are recorded before the first cell and
-put back before every exercise and every case, with a note, should the notebook replace them
-(found through ``gc``, say). ``os._exit`` is wrapped to record the call, ``sys.stdout`` and
+and classes (here, in :mod:`attnlib.grading.core` and in :mod:`attnlib.grading.protocol`, whose
+names and writer this module uses) are recorded before the first cell and put back before
+every exercise and every case, with a note, should the notebook replace them (found through
+``gc``, say). ``os._exit`` is wrapped to record the call, ``sys.stdout`` and
 ``sys.stderr`` count what each step prints (block-buffered, flushed at every step), and a
 file over the size limit raises ``OSError`` instead of killing the process (``SIGXFSZ``
 ignored).
@@ -79,7 +80,7 @@ from torch.overrides import TorchFunctionMode  # noqa: E402
 from attnlib.grading import EXERCISES, protocol  # noqa: E402
 from attnlib.grading.core import Case, ForbiddenCallError, _forbid, _resolve, call  # noqa: E402
 
-_save, _load, _replace, _dumps, _open = torch.save, torch.load, os.replace, json.dumps, open
+_save, _load, _dumps, _open = torch.save, torch.load, json.dumps, open
 _real_exit = os._exit
 _real_setprofile = sys.setprofile
 _getprofile = sys.getprofile
@@ -112,16 +113,11 @@ def _disarm() -> None:
 
 
 def _write_json(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with _open(tmp, "w") as f:
-        f.write(_dumps(obj))
-    _replace(tmp, path)
+    protocol.write_atomic(path, _dumps(obj).encode())
 
 
 def _write_pt(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    _save(obj, tmp)
-    _replace(tmp, path)
+    protocol.write_atomic(path, lambda tmp: _save(obj, tmp))
 
 
 # --------------------------------------------------------------------------- progress
@@ -246,7 +242,8 @@ def _exercise_files(grading_dir: str) -> frozenset[str]:
     exercises' cases and extra checks, the class tools): every ``.py`` file under
     ``grading_dir``, the chapter modules in ``exercises/`` included, except the grader's own
     machinery at the top level (whose calls never come from a check)."""
-    own = {"core.py", "child.py", "runner.py", "sandbox.py", "notebook.py", "protocol.py", "__init__.py"}
+    own = {"core.py", "child.py", "runner.py", "supervisor.py", "report.py", "sandbox.py", "notebook.py",
+           "protocol.py", "__init__.py"}
     files = set()
     for top, _dirs, names in os.walk(grading_dir):
         for f in names:
@@ -694,12 +691,25 @@ def _limit_address_space(memory_limit: int) -> None:
         pass
 
 
-def _snapshot() -> dict[str, Any]:
-    """The grader's own functions and classes as they are before the learner's code runs."""
+def _guarded_modules() -> tuple[types.ModuleType, ...]:
+    """The grader's modules whose code runs in this process: this one, the checks
+    (:mod:`attnlib.grading.core`), the files it writes (:mod:`attnlib.grading.protocol`) and
+    the exercises' own code (their cases, ``build_args`` and extra checks, in
+    :mod:`attnlib.grading.exercises`: every chapter module and the helpers they share)."""
     import attnlib.grading.core as core
+    from attnlib.grading import exercises
 
+    chapters = tuple(sys.modules[f"{exercises.__name__}.{name}"]
+                     for name in ("common", *exercises.CHAPTER_MODULES))
+    return (_THIS, core, protocol, *chapters)
+
+
+def _snapshot() -> dict[str, Any]:
+    """The grader's own functions and classes as they are before the learner's code runs (and,
+    of :mod:`~attnlib.grading.protocol`, every name: the file names, the phases, the ``os``
+    functions it bound)."""
     found: dict[str, Any] = {}
-    for module in (_THIS, core):
+    for module in _guarded_modules():
         for name, obj in vars(module).items():
             if isinstance(obj, (types.FunctionType, type)) and getattr(obj, "__module__", "") == module.__name__:
                 found[f"{module.__name__}.{name}"] = obj
@@ -708,6 +718,8 @@ def _snapshot() -> dict[str, Any]:
                         found[f"{module.__name__}.{name}.{attr}"] = value
                 else:
                     found[f"{module.__name__}.{name}.__code__"] = obj.__code__
+            elif module is protocol and not name.startswith("__") and not isinstance(obj, types.ModuleType):
+                found[f"{module.__name__}.{name}"] = obj
     found["sys.setprofile"] = _guarded_setprofile
     found["torch.overrides.TorchFunctionMode.__enter__"] = TorchFunctionMode.__enter__
     found["torch.overrides.TorchFunctionMode.__exit__"] = TorchFunctionMode.__exit__
@@ -716,9 +728,7 @@ def _snapshot() -> dict[str, Any]:
 
 def _restore(intact: dict[str, Any]) -> list[str]:
     """Put back every one of the grader's own objects the notebook replaced; their names."""
-    import attnlib.grading.core as core
-
-    modules = {m.__name__: m for m in (_THIS, core)}
+    modules = {m.__name__: m for m in _guarded_modules()}
     changed = []
     for key, obj in intact.items():
         try:

@@ -204,7 +204,8 @@ def _grade_student(student: str, assignment: str, root: Path, source_dir: Path, 
     log.write(f"student {student}, assignment {assignment}, graded {_now()}\n")
     for note in notes:
         log.write(f"note: {note}\n")
-    from .runner import GradingError, format_table
+    from .notebook import GradingError
+    from .report import format_table
 
     for name in expected:
         src = src_folder / name
@@ -339,14 +340,13 @@ def _write_gradebook(root: Path, result: StudentResult) -> None:
         gb.db.commit()
 
 
-_HIDDEN = re.compile(r"^[ \t]*#+[ \t]*BEGIN HIDDEN TESTS.*?^[ \t]*#+[ \t]*END HIDDEN TESTS[^\n]*\n?", re.M | re.S)
-
-
 def _write_autograded(root: Path, result: StudentResult, source_dir: Path) -> None:
     """``autograded/<student>/<assignment>/<nb>.ipynb`` for ``nbgrader generate_feedback``: the
     submission's cells (never executed here) with the source's test cells in place of the
     submission's, each showing this grader's verdict as its output."""
     import nbformat
+
+    from .notebook import strip_hidden_tests
 
     for entry in result.notebooks:
         src = nbformat.read(str(source_dir / result.assignment / entry["name"]), as_version=4)
@@ -363,7 +363,7 @@ def _write_autograded(root: Path, result: StudentResult, source_dir: Path) -> No
             nbg = cell.get("metadata", {}).get("nbgrader", {})
             if nbg.get("grade") and not nbg.get("solution"):
                 test = nbformat.from_dict(cell)
-                test.source = _HIDDEN.sub("", test.source).rstrip()
+                test.source = strip_hidden_tests(test.source).rstrip()
                 item = feedback.get(nbg.get("grade_id"), {})
                 verdict = (f"{_num(item.get('points', 0))}/{_num(item.get('max_points', nbg.get('points', 0)))} "
                            f"points. {item.get('feedback', '')}").strip()

@@ -2,7 +2,7 @@
 
 A notebook of any nbformat version read as nbformat 4 (:func:`read_notebook`); its grade
 cells (:func:`is_grade_cell`), their ``check(...)`` calls (:func:`check_calls`) and points,
-as graded items (:func:`parse_items`); the hidden-tests markers (:data:`HIDDEN_BLOCK`) and
+as graded items (:func:`parse_items`); the hidden-tests markers (:data:`HIDDEN_BLOCK`, :func:`strip_hidden_tests`) and
 the comparison of a submission's test cells with the source's (:func:`compare_test_cells`).
 It imports neither torch nor the rest of the grader, so the book can count points with it
 (``book/_ext/exercise_links.py`` loads this file alone) and a notebook is read the same way
@@ -194,6 +194,22 @@ def parse_items(nb: dict) -> list[Item]:
 
 
 HIDDEN_BLOCK = ("### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS")
+
+
+def _marker(line: str) -> str:
+    """A hidden-tests marker as a pattern: any number of ``#`` and spaces before its words."""
+    return r"^[ \t]*#+[ \t]*" + re.escape(line.lstrip("#").strip())
+
+
+#: A hidden-tests block: from a begin marker's line to the end of the next end marker's line
+#: (any number of ``#`` and spaces before a marker's words, anything after them).
+HIDDEN_TESTS = re.compile(_marker(HIDDEN_BLOCK[0]) + r".*?" + _marker(HIDDEN_BLOCK[1]) + r"[^\n]*\n?",
+                          re.M | re.S)
+
+
+def strip_hidden_tests(source: str) -> str:
+    """A test cell's source without its hidden-tests blocks (markers included)."""
+    return HIDDEN_TESTS.sub("", source)
 
 
 def visible_text(source: str) -> str:

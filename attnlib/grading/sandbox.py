@@ -1,6 +1,6 @@
 """The sandbox of ``attnlib grade``'s child process (standard library only; Linux).
 
-Run as a script by :mod:`attnlib.grading.runner`::
+Run as a script by :mod:`attnlib.grading.supervisor`::
 
     python -I -B attnlib/grading/sandbox.py CONFIG.json
 
