@@ -18,9 +18,9 @@ from collections.abc import Callable, Sequence  # for the annotations
 from . import Exercise
 
 INTRO = r"""
-You write two sparse attention patterns (a sliding window and Longformer's window plus
-global tokens) and linear attention, which reassociates the products so that the
-$L \times S$ matrix is never formed."""
+You write three sparse attention patterns (a sliding window, Longformer's window plus
+global tokens, and BigBird's window, global and random blocks) and linear attention, which
+reassociates the products so that the $L \times S$ matrix is never formed."""
 
 # Imports of this notebook after the common ones (tools/build_exercises.py, BASE_IMPORTS).
 IMPORTS = "from collections.abc import Callable, Sequence  # for the annotations"
@@ -55,6 +55,47 @@ def explore_longformer_mask() -> None:
     axes[2].imshow(attnlib.longformer_mask(24, 3, [0, 12]).numpy()); axes[2].set_title("attnlib")
     plt.show()
     print("fraction of pairs kept:", longformer_mask(24, 3, [0, 12]).float().mean().item())
+
+
+# bigbird_mask -------------------------------------------------------------------------
+
+def bigbird_mask(
+    L: int,
+    block_size: int,
+    n_window_blocks: int,
+    n_global_blocks: int,
+    n_random_blocks: int,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    nb = (L + block_size - 1) // block_size  # blocks; the last one may be shorter
+    blocks = torch.arange(nb)
+    allowed = (blocks[:, None] - blocks[None, :]).abs() <= (n_window_blocks - 1) // 2  # (nb, nb) window
+    g = min(n_global_blocks, nb)
+    allowed[:g, :] = True  # global blocks see every block
+    allowed[:, :g] = True  # and every block sees them
+    if n_random_blocks > 0:
+        if generator is None:
+            generator = torch.Generator().manual_seed(0)
+        for qb in range(g, nb):  # each non-global query block, in order
+            free = (~allowed[qb]).nonzero().flatten()  # key blocks not yet allowed, increasing
+            pick = torch.randperm(free.numel(), generator=generator)[:n_random_blocks]
+            allowed[qb, free[pick]] = True
+    block_of = torch.arange(L) // block_size  # (L,): the block of each token
+    return allowed[block_of[:, None], block_of[None, :]]  # (L, L)
+
+
+def explore_bigbird_mask() -> None:
+    """BigBird's pattern, yours beside attnlib's, and the keys per query as L grows."""
+    args = dict(block_size=4, n_window_blocks=3, n_global_blocks=1, n_random_blocks=2)
+    yours = bigbird_mask(64, **args, generator=torch.Generator().manual_seed(1))
+    ref = attnlib.bigbird_mask(64, **args, generator=torch.Generator().manual_seed(1))
+    fig, axes = plt.subplots(1, 2, figsize=(7.5, 3.5))
+    axes[0].imshow(yours.numpy()); axes[0].set_title("yours: L = 64, blocks of 4")
+    axes[1].imshow(ref.numpy()); axes[1].set_title("attnlib")
+    plt.show()
+    print("same as attnlib's:", torch.equal(yours, ref))
+    for L in (64, 256, 1024):
+        print(f"L = {L:5d}: {bigbird_mask(L, **args).sum().item() / L:.1f} keys per query")
 
 
 # linear_attention ---------------------------------------------------------------------
@@ -135,6 +176,32 @@ tensor; it may be empty and may hold duplicates. Start from your `sliding_window
             "Then `mask[idx, :] = True` and `mask[:, idx] = True`.",
         ),
         explore=explore_longformer_mask,
+    ),
+    Exercise(
+        "bigbird_mask",
+        points=3,
+        solution=bigbird_mask,
+        guide=r"""
+BigBird (Chapter 10, sections *Attention on a pattern* and *The three patterns*) decides
+the pattern per pair of **blocks** of `block_size` tokens (the last block may be shorter),
+then expands it to tokens: token `i` may attend to token `j` iff block `i // block_size`
+may attend to block `j // block_size`. A query block sees
+
+* the `n_window_blocks` blocks centred on its own (distance $\le$ `(n_window_blocks - 1) // 2`);
+* the first `n_global_blocks` blocks, which also see every block (rows and columns all `True`);
+* `n_random_blocks` more key blocks, drawn among those not yet allowed for it.
+
+The grader compares masks exactly, so draw the random blocks as the reference does: for each
+non-global query block in order, list its key blocks not yet allowed in increasing order
+(`free`) and allow `free[torch.randperm(len(free), generator=generator)[:n_random_blocks]]`.
+With `generator=None` and `n_random_blocks > 0`, use `torch.Generator().manual_seed(0)`.""",
+        hints=(
+            "Build an `(nb, nb)` boolean `allowed` first, `nb = (L + block_size - 1) // block_size`; "
+            "then `block_of = torch.arange(L) // block_size` and `allowed[block_of[:, None], block_of[None, :]]`.",
+            "`(~allowed[qb]).nonzero().flatten()` lists the free key blocks of query block `qb`; call "
+            "`randperm` for every non-global query block, even when few blocks are free.",
+        ),
+        explore=explore_bigbird_mask,
     ),
     Exercise(
         "linear_attention",

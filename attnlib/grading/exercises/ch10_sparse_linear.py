@@ -5,6 +5,7 @@ exercise id                reference
 =========================  ===================================
 ``sliding_window_mask``    :func:`attnlib.sliding_window_mask`
 ``longformer_mask``        :func:`attnlib.longformer_mask`
+``bigbird_mask``           :func:`attnlib.bigbird_mask`
 ``linear_attention``       :func:`attnlib.linear_attention`
 =========================  ===================================
 
@@ -24,7 +25,7 @@ from torch import Tensor
 
 from ..._validate import compute_dtype
 from ...linear import elu_feature_map, linear_attention
-from ...sparse import longformer_mask, sliding_window_mask
+from ...sparse import bigbird_mask, longformer_mask, sliding_window_mask
 from ..core import Case, Exercise, Mistake, register
 from .common import F64, NO_ATTNLIB, randn
 
@@ -188,6 +189,111 @@ register(Exercise(
         ),
     ),
 ))
+
+
+def _bigbird_variant(*, reach_is_count: bool = False, global_rows: bool = True,
+                     random_among_all: bool = False, block_level: bool = False) -> Callable[..., Tensor]:
+    """BigBird's pattern, one thing changed (the reference's draw otherwise, draw for draw)."""
+    def wrong(L: int, block_size: int, n_window_blocks: int, n_global_blocks: int, n_random_blocks: int,
+              generator: torch.Generator | None = None) -> Tensor:
+        nb = (L + block_size - 1) // block_size
+        blocks = torch.arange(nb)
+        reach = n_window_blocks if reach_is_count else n_window_blocks // 2
+        allowed = (blocks[:, None] - blocks[None, :]).abs() <= reach  # (nb, nb)
+        g = min(n_global_blocks, nb)
+        if global_rows:
+            allowed[:g, :] = True
+        allowed[:, :g] = True
+        if n_random_blocks > 0:
+            gen = generator if generator is not None else torch.Generator().manual_seed(0)
+            for qb in range(g, nb):
+                if random_among_all:
+                    allowed[qb, torch.randperm(nb, generator=gen)[:n_random_blocks]] = True
+                else:
+                    free = (~allowed[qb]).nonzero().flatten()
+                    allowed[qb, free[torch.randperm(free.numel(), generator=gen)[:n_random_blocks]]] = True
+        if block_level:
+            return allowed
+        block_of = torch.arange(L) // block_size
+        return allowed[block_of[:, None], block_of[None, :]]
+    return wrong
+
+
+def _bigbird_args(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """build_args of bigbird_mask: a case names its generator by a seed (a Generator cannot
+    cross the process boundary), turned here into ``generator=torch.Generator().manual_seed(seed)``."""
+    if "generator_seed" in kwargs:
+        kwargs = dict(kwargs)
+        kwargs["generator"] = torch.Generator().manual_seed(kwargs.pop("generator_seed"))
+    return args, kwargs
+
+
+def _bigbird_cases(hidden: bool) -> list[Case]:
+    # args: L, block_size, n_window_blocks, n_global_blocks, n_random_blocks
+    if not hidden:
+        return [
+            Case("L = 40, blocks of 4, window 3, 1 global, 2 random", (40, 4, 3, 1, 2)),
+            Case("L = 30 (last block shorter), blocks of 4, window 1, 2 global, no random",
+                 (30, 4, 1, 2, 0)),
+            Case("L = 24, blocks of 3, window 3, 1 global, 2 random, your generator (seed 7)",
+                 (24, 3, 3, 1, 2), {"generator_seed": 7}),
+        ]
+    return [
+        Case("L = 0", (0, 4, 3, 1, 1)),
+        Case("L = 1, no global, no random", (1, 1, 1, 0, 0)),
+        Case("block_size > L: one short block", (5, 8, 3, 1, 2)),
+        Case("more global blocks than exist", (12, 4, 3, 5, 1)),
+        Case("no global blocks, 3 random", (36, 3, 3, 0, 3)),
+        Case("more random blocks than remain", (20, 4, 3, 1, 9)),
+        Case("window wider than the sequence", (20, 2, 21, 0, 2)),
+        Case("blocks of 1 token, window 5, 2 global, 2 random", (15, 1, 5, 2, 2)),
+        Case("L = 64, blocks of 4, window 5, 1 global, 3 random, your generator (seed 123)",
+             (64, 4, 5, 1, 3), {"generator_seed": 123}),
+    ]
+
+
+register(Exercise(
+    id="bigbird_mask",
+    chapter=10,
+    reference=bigbird_mask,
+    section=f"{PAGE}#attention-on-a-pattern",
+    make_cases=_bigbird_cases,
+    build_args=_bigbird_args,
+    forbidden=NO_ATTNLIB,
+    mistakes=(
+        Mistake(
+            "n_window_blocks taken as the reach",
+            "n_window_blocks counts the window's blocks, the query's own included: the key blocks "
+            "at distance <= (n_window_blocks - 1) // 2 (3 blocks: one on each side).",
+            f"{PAGE}#attention-on-a-pattern",
+            _bigbird_variant(reach_is_count=True),
+        ),
+        Mistake(
+            "global columns but not global rows",
+            "The global blocks attend to every block (their rows are all True) as well as being "
+            "attended to by every block (their columns).",
+            f"{PAGE}#attention-on-a-pattern",
+            _bigbird_variant(global_rows=False),
+        ),
+        Mistake(
+            "random blocks drawn among all blocks",
+            "The random blocks of a query block are drawn among the key blocks not already allowed "
+            "for it (window and global ones excluded), so it gains n_random_blocks new blocks: "
+            "randperm over those free blocks, not over all of them.",
+            f"{PAGE}#attention-on-a-pattern",
+            _bigbird_variant(random_among_all=True),
+        ),
+        Mistake(
+            "the block mask returned instead of the token mask",
+            "The pattern is decided per pair of blocks, then every block is expanded to its "
+            "tokens: token i may attend to token j iff block i // block_size may attend to block "
+            "j // block_size, an (L, L) mask.",
+            f"{PAGE}#the-code",
+            _bigbird_variant(block_level=True),
+        ),
+    ),
+))
+
 
 # ----------------------------------------------------------------------------- linear attention
 
