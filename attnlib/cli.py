@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         "grade-class", help="grade every submission of an assignment in submitted/ (nbgrader layout)",
         description="Grade submitted/<student>/ASSIGNMENT/*.ipynb of an nbgrader course with the hardened "
                     "grader, in parallel; results go to graded/<student>/ASSIGNMENT/ (result.json, grade.log). "
-                    "Run it again to resume after an interruption.")
+                    "Ctrl-C or SIGTERM stop it, keeping the students finished so far (exit status 128 + the "
+                    "signal); run it again to resume after an interruption.")
     klass.add_argument("assignment", metavar="ASSIGNMENT", help="the assignment, e.g. 02_queries_keys_values")
     klass.add_argument("--root", default=".", help="the course root (default: the current directory)")
     klass.add_argument("--source", default="solutions", help="the source directory (default: solutions)")

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +19,7 @@ from attnlib.grading import EXERCISES, judge
 from attnlib.grading.classroom import (
     StudentResult,
     _match_notebooks,
+    _problems,
     failure_kind,
     failures_by_kind,
     format_summary,
@@ -63,6 +71,7 @@ def test_failure_kind_of_a_named_mistake():
     ("no notebook named 02_x.ipynb was submitted", "missing notebook"),
     ("cannot grade a.ipynb: a.ipynb: not a Jupyter notebook (not valid JSON: ...)", "unreadable notebook"),
     ("raised ValueError: bad", "raised an error"),
+    ("changed its input `x` in place (15 of 15 entries changed, as `x -= m` does)", "changed its input"),
     ("", "other"),
 ])
 def test_failure_kind_of_runner_messages(feedback, kind):
@@ -132,3 +141,138 @@ def test_one_failing_student_does_not_stop_the_class(tmp_path):
     assert "internal error of the grader: RuntimeError: boom" in by["ben"].notebooks[0]["message"]
     stored = json.loads((tmp_path / "graded" / "ben" / a / "result.json").read_text())
     assert stored["score"] == 0 and "boom" in (tmp_path / "graded" / "ben" / a / "grade.log").read_text()
+
+
+def test_problems_name_the_failed_items():
+    """The problems column of a student whose notebook was graded but failed items lists them,
+    each with its kind; notes and notebooks not graded are listed as before."""
+    items = [{"id": "test_softmax", "points": 0, "max_points": 3, "passed": False,
+              "feedback": "wrong values at 15 of 15 positions\n[softmax, case 'random logits']"},
+             {"id": "test_sdpa", "points": 0, "max_points": 5, "passed": False, "feedback": "not implemented yet"},
+             {"id": "test_mask", "points": 1, "max_points": 1, "passed": True, "feedback": "all 4 cases passed"}]
+    ann = StudentResult("ann", "a", 1, 9, [{"name": "a.ipynb", "status": "graded", "items": items}],
+                        notes=["a.ipynb was not submitted under that name; graded x.ipynb in its place"])
+    ben = StudentResult("ben", "a", 9, 9, [{"name": "a.ipynb", "status": "graded",
+                                             "items": [dict(i, passed=True) for i in items]}])
+    cal = StudentResult("cal", "a", 0, 9, [{"name": "a.ipynb", "status": "missing", "items": items,
+                                             "message": "no notebook named a.ipynb was submitted"}])
+    two = StudentResult("two", "a", 0, 9, [{"name": "a.ipynb", "status": "graded", "items": items[:1]},
+                                            {"name": "b.ipynb", "status": "graded", "items": items[1:]}])
+    assert _problems(ann) == [ann.notes[0], "failed: test_softmax (wrong values), test_sdpa (not implemented)"]
+    assert _problems(ben) == []
+    assert _problems(cal) == ["no notebook named a.ipynb was submitted"]
+    assert _problems(two) == ["failed in a.ipynb: test_softmax (wrong values)",
+                              "failed in b.ipynb: test_sdpa (not implemented)"]
+    table = format_summary([ann, ben, cal]).splitlines()
+    assert table[2].startswith("ann") and table[2].endswith("test_sdpa (not implemented)")
+    assert table[3].split() == ["ben", "9/9"]
+
+
+# --------------------------------------------------------------------------- stopped by a signal
+
+
+def _student_notebook(slow: bool = False):
+    """The released notebook of the assignment with every answer filled in from the source;
+    ``slow``: with a cell that never ends first (the grader stops it at the step time limit)."""
+    import nbformat
+
+    a = "02_queries_keys_values"
+    source = nbformat.read(str(REPO / "solutions" / a / f"{a}.ipynb"), as_version=4)
+    answers = {c.metadata["nbgrader"]["grade_id"]: c.source for c in source.cells
+               if c.metadata.get("nbgrader", {}).get("solution")}
+    nb = nbformat.read(str(REPO / "notebooks" / a / f"{a}.ipynb"), as_version=4)
+    for cell in nb.cells:
+        meta = cell.metadata.get("nbgrader", {})
+        if meta.get("solution"):
+            cell.source = answers[meta["grade_id"]]
+    if slow:
+        nb.cells.insert(1, nbformat.v4.new_code_cell("import time\nwhile True:\n    time.sleep(0.05)\n"))
+    return nb
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/cmdline", "rb") as f:
+                    if text.encode() in f.read():
+                        found.append(int(name))
+            except OSError:
+                pass
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the grading children in /proc")
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_stops_the_class_promptly_and_the_next_run_resumes(tmp_path, signum):
+    """``attnlib grade-class`` in its own process, stopped by Ctrl-C (SIGINT) or SIGTERM while
+    the second of three students is being graded (a cell of theirs never ends): it exits
+    promptly with 128 + the signal, keeps the first student, writes the class table for them,
+    leaves no grading process and no temporary folder, and the next run grades only the
+    other two."""
+    import nbformat
+
+    a = "02_queries_keys_values"
+    root = tmp_path / "course"
+    (root / "solutions" / a).mkdir(parents=True)
+    shutil.copy(REPO / "solutions" / a / f"{a}.ipynb", root / "solutions" / a)
+    for student, slow in (("s1", False), ("s2", True), ("s3", False)):
+        (root / "submitted" / student / a).mkdir(parents=True)
+        nbformat.write(_student_notebook(slow), str(root / "submitted" / student / a / f"{a}.ipynb"))
+    from attnlib.grading.notebook import parse_items, read_notebook
+
+    total = int(sum(i.max_points for i in parse_items(read_notebook(root / "solutions" / a / f"{a}.ipynb"))))
+    tmp = tmp_path / "tmp"  # the grader's temporary folders go here (TMPDIR)
+    tmp.mkdir()
+    env = dict(os.environ, TMPDIR=str(tmp))
+    command = [sys.executable, "-m", "attnlib.cli", "grade-class", a, "--no-progress", "--timeout", "120"]
+    proc = subprocess.Popen(command + ["--jobs", "1"], cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    results = {s: root / "graded" / s / a / "result.json" for s in ("s1", "s2", "s3")}
+    try:
+        deadline = time.monotonic() + 240
+        while not (results["s1"].exists() and _processes_mentioning(str(tmp))):  # s2's child runs
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        time.sleep(1)
+        assert list(tmp.glob("attnlib-grade-*"))
+        first = results["s1"].read_bytes()
+        sent = time.monotonic()
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 128 + signum, (out, err)
+    assert took < 20, f"took {took:.1f} s to stop (s2's cell alone runs 30 s)"
+    assert "Traceback" not in err and f"stopped by {signum.name}" in err, err
+    assert "s1" in out and f"{total}/{total}" in out  # the summary of the finished student
+    # nothing left behind
+    assert _processes_mentioning(str(tmp)) == []
+    assert list(tmp.iterdir()) == []
+    assert not list((root / "graded").rglob("*.tmp"))
+    # the finished student is kept, the others have nothing; the class files say so
+    assert results["s1"].read_bytes() == first
+    assert not results["s2"].exists() and not results["s3"].exists()
+    assert not (root / "graded" / "s2" / a / "grade.log").exists()
+    with open(root / "graded" / f"{a}.csv") as f:
+        rows = {r["student"]: r for r in csv.DictReader(f)}
+    assert rows["s1"]["score"] == str(total) and rows["s2"]["score"] == rows["s3"]["score"] == ""
+    assert "not graded" in rows["s2"]["problems"]
+    summary = json.loads((root / "graded" / f"{a}.json").read_text())
+    assert [s["student"] for s in summary["students"]] == ["s1"]
+    assert summary["not_graded"] == ["s2", "s3"] and summary["stopped_by"] == signum.name
+    # the next run grades the other two only (s2 has fixed their notebook meanwhile)
+    nbformat.write(_student_notebook(), str(root / "submitted" / "s2" / a / f"{a}.ipynb"))
+    rerun = subprocess.run(command + ["--jobs", "2"], cwd=root, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "3 students (2 graded now, 1 kept" in rerun.stdout
+    assert results["s1"].read_bytes() == first
+    with open(root / "graded" / f"{a}.csv") as f:
+        assert {r["student"]: r["score"] for r in csv.DictReader(f)} == {s: str(total) for s in results}
+    assert json.loads((root / "graded" / f"{a}.json").read_text())["not_graded"] == []
+    assert list(tmp.iterdir()) == []

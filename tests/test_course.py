@@ -1,9 +1,12 @@
 """The instructor's flow, end to end, in throw-away nbgrader course directories.
 
 * every solution notebook scores full marks with ``nbgrader autograde`` (and ``export``);
-* a class of three students (all correct, half correct, untouched) is graded with nbgrader
-  and with ``attnlib grade-class --gradebook``; the exported scores agree, and nbgrader's
-  feedback shows the hardened grader's verdicts;
+* a class of four students (all correct, half correct, untouched, all correct with an edited
+  test cell) is graded with nbgrader and with ``attnlib grade-class --gradebook``; the
+  exported scores agree, nbgrader's feedback shows the hardened grader's verdicts, and
+  neither feedback loads anything from the network or shows the hidden tests' code;
+* nbgrader's own runs are quiet: no SQLAlchemy warning, no "checksum has changed" but for
+  the test cell a learner edited;
 * ``attnlib grade-class`` resumes after a crash without regrading finished students, never
   changes a submission, and handles missing, renamed, extra and unreadable notebooks
   without stopping the class.
@@ -16,8 +19,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import html as htmllib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -142,27 +147,39 @@ def three_students(tmp_path_factory):
     root = new_course(tmp_path_factory.mktemp("class") / "course", [ASSIGNMENT])
     source = nbformat.read(str(root / "solutions" / ASSIGNMENT / f"{ASSIGNMENT}.ipynb"), as_version=4)
     answer_ids = [_nbg(c)["grade_id"] for c in source.cells if _nbg(c).get("solution")]
+    test_ids = [_nbg(c)["grade_id"] for c in source.cells if _nbg(c).get("grade") and not _nbg(c).get("solution")]
     assert len(answer_ids) >= 2
     # the class's files as downloaded from a learning platform, collected by nbgrader zip_collect
     archive = root / "downloaded" / ASSIGNMENT / "archive"
     archive.mkdir(parents=True)
-    work = {"alice": None, "bob": answer_ids[:1], "carol": []}  # all correct, first answer only, untouched
+    # all correct, first answer only, untouched; dave: all correct, a test cell edited
+    work = {"alice": None, "bob": answer_ids[:1], "carol": [], "dave": None}
     with zipfile.ZipFile(archive / "class.zip", "w") as z:
         for student, solved in work.items():
-            z.writestr(f"{student}__{ASSIGNMENT}.ipynb", nbformat.writes(student_notebook(root, ASSIGNMENT, solved)))
+            nb = student_notebook(root, ASSIGNMENT, solved)
+            if student == "dave":
+                edited = next(c for c in nb.cells if _nbg(c).get("grade_id") == test_ids[0])
+                edited.source += "\nprint('my own check')"
+            z.writestr(f"{student}__{ASSIGNMENT}.ipynb", nbformat.writes(nb))
     nbgrader("zip_collect", ASSIGNMENT, cwd=root)
     for student in work:
         assert (root / "submitted" / student / ASSIGNMENT / f"{ASSIGNMENT}.ipynb").is_file(), student
     first_points = next(float(_nbg(c)["points"]) for c in source.cells
                         if _nbg(c).get("grade") and not _nbg(c).get("solution"))
     total = source_total(root, ASSIGNMENT)
-    expected = {"alice": total, "bob": first_points, "carol": 0.0}
+    expected = {"alice": total, "bob": first_points, "carol": 0.0, "dave": total}
     before = tree_digest(root / "submitted")
-    nbgrader("autograde", ASSIGNMENT, cwd=root)
+    autograde = nbgrader("autograde", ASSIGNMENT, cwd=root)
     by_nbgrader = exported(root)
+    # nbgrader's own autograded notebooks (the hidden tests put back and run) and feedback
+    autograded = {s: nbformat.read(str(root / "autograded" / s / ASSIGNMENT / f"{ASSIGNMENT}.ipynb"), as_version=4)
+                  for s in work}
+    nbgrader("generate_feedback", ASSIGNMENT, cwd=root)
+    nbgrader_feedback = {s: (root / "feedback" / s / ASSIGNMENT / f"{ASSIGNMENT}.html").read_text() for s in work}
     hardened = attnlib_cli("grade-class", ASSIGNMENT, "--gradebook", "--no-progress", cwd=root)
     return dict(root=root, expected=expected, total=total, before=before, by_nbgrader=by_nbgrader,
-                hardened=hardened)
+                hardened=hardened, autograde_log=autograde.stdout + autograde.stderr, autograded=autograded,
+                nbgrader_feedback=nbgrader_feedback, test_ids=test_ids, source=source)
 
 
 def test_three_students_nbgrader_scores(three_students):
@@ -189,17 +206,102 @@ def test_three_students_hardened_grader_writes_the_gradebook(three_students):
     assert table == t["expected"]
 
 
+#: What a page would load from elsewhere: a script, image, frame... by URL, a stylesheet link,
+#: a CSS import or url(), a JavaScript module import.
+EXTERNAL = re.compile(r"""<(?:script|img|iframe|embed|source|audio|video)\b[^>]*?\bsrc\s*=\s*["']?\s*(?:https?:)?//"""
+                      r"""|<link\b[^>]*?\bhref\s*=\s*["']?\s*(?:https?:)?//"""
+                      r"""|@import\s+(?:url\()?\s*["']?\s*(?:https?:)?//|url\(\s*["']?\s*(?:https?:)?//"""
+                      r"""|\bfrom\s+["'](?:https?:)?//|\bimport\s*\(\s*["'](?:https?:)?//""", re.I)
+
+
+def hidden_code(source: nbformat.NotebookNode) -> list[str]:
+    """Every line of the source notebook's hidden-tests blocks, markers included."""
+    from attnlib.grading.notebook import HIDDEN_BLOCK
+
+    lines, inside = [], False
+    for cell in source.cells:
+        for line in cell.source.splitlines():
+            inside = inside or line.strip() == HIDDEN_BLOCK[0]
+            if inside and line.strip():
+                lines.append(line.strip())
+            inside = inside and line.strip() != HIDDEN_BLOCK[1]
+    assert lines, "the source notebook has no hidden tests"
+    return lines
+
+
+def check_feedback_page(html: str, source: nbformat.NotebookNode) -> str:
+    """The page loads nothing from the network and shows none of the hidden tests' code (in a
+    test cell or in a traceback); returns its text."""
+    assert not EXTERNAL.findall(html), EXTERNAL.findall(html)
+    text = htmllib.unescape(re.sub(r"<[^>]+>", "", html))
+    for line in hidden_code(source):
+        assert line not in text, f"the feedback shows the hidden test line {line!r}"
+    return text
+
+
+def test_hidden_lines_leave_the_feedback_tracebacks():
+    """The feedback preprocessor's pieces: which lines are hidden, and a traceback quoting the
+    cell (IPython 8, with colours) without them; other frames untouched."""
+    from attnlib.grading.nbgrader_plugins import hidden_lines, strip_hidden, strip_traceback
+
+    source = ('from attnlib.grading import check\ncheck("softmax", softmax)\n### BEGIN HIDDEN TESTS\n'
+              'check("softmax", softmax, hidden=True)\n### END HIDDEN TESTS')
+    begin, end = "BEGIN HIDDEN TESTS", "END HIDDEN TESTS"
+    assert hidden_lines(source, begin, end) == {3, 4, 5}
+    assert strip_hidden(source, begin, end) == 'from attnlib.grading import check\ncheck("softmax", softmax)'
+    green, off = "\x1b[32m", "\x1b[39m"
+    cell = "\n".join([f"\x1b[36mCell\x1b[39m {green}In[4]{off}, line 4",
+                      f"{green}      2{off} check(\"softmax\", softmax)",
+                      f"{green}      3{off} ### BEGIN HIDDEN TESTS",
+                      f"{green}----> 4{off} check(\"softmax\", softmax, hidden=True)",
+                      f"{green}      5{off} ### END HIDDEN TESTS", ""])
+    other = f"File {green}/x/core.py:632{off}, in check(exercise_id, student, hidden)\n    632 raise AssertionError"
+    frames = ["\x1b[31m------\x1b[39m", "\x1b[31mAssertionError\x1b[39m  Traceback", cell, other,
+              "AssertionError: softmax: 1/6 cases passed"]
+    out = strip_traceback(frames, {3, 4, 5})
+    assert out[:2] == frames[:2] and out[3:] == frames[3:]
+    assert "hidden=True" not in out[2] and "HIDDEN" not in out[2] and 'check("softmax", softmax)' in out[2]
+    assert out[2].count("(hidden tests)") == 1
+
+
 def test_three_students_feedback_shows_the_hardened_verdicts(three_students):
     root = three_students["root"]
     nbgrader("generate_feedback", ASSIGNMENT, cwd=root)
     for student in three_students["expected"]:
         html = (root / "feedback" / student / ASSIGNMENT / f"{ASSIGNMENT}.html").read_text()
         assert "points." in html  # the verdict line this grader writes under each test cell
-        assert "BEGIN HIDDEN TESTS" not in html  # hidden tests stay hidden in the feedback
+        check_feedback_page(html, three_students["source"])  # offline, hidden tests stay hidden
     carol = (root / "feedback" / "carol" / ASSIGNMENT / f"{ASSIGNMENT}.html").read_text()
     assert "not implemented yet" in carol
     alice = (root / "feedback" / "alice" / ASSIGNMENT / f"{ASSIGNMENT}.html").read_text()
     assert "cases passed" in alice
+
+
+def test_nbgrader_feedback_hides_the_hidden_tests_and_loads_nothing(three_students):
+    """``nbgrader autograde`` runs the hidden tests (its autograded notebooks keep them);
+    ``nbgrader generate_feedback`` (this course's preprocessor and template) shows the test
+    cells as released, tracebacks without the hidden lines, and loads nothing from the network."""
+    t = three_students
+    for student, nb in t["autograded"].items():
+        tests = [c for c in nb.cells if _nbg(c).get("grade_id") in t["test_ids"]]
+        assert tests and all("BEGIN HIDDEN TESTS" in c.source for c in tests), student
+    for student, html in t["nbgrader_feedback"].items():
+        text = check_feedback_page(html, t["source"])
+        assert 'check("' in text, student  # the visible checks are shown
+    carol = htmllib.unescape(re.sub(r"<[^>]+>", "", t["nbgrader_feedback"]["carol"]))
+    assert "Traceback" in carol and "not implemented" in carol.lower()  # the errors are still there
+    assert "(hidden tests)" in carol  # where the traceback quoted hidden lines
+
+
+def test_nbgrader_runs_without_false_alarms(three_students):
+    """No SQLAlchemy warning; "checksum has changed" only for the test cell dave edited (the
+    released test cells, hidden tests removed, are not taken for edited ones)."""
+    log = three_students["autograde_log"]
+    assert "SAWarning" not in log and "not in session" not in log, log[-3000:]
+    changed = re.findall(r"Attribute 'checksum' for cell (\S+) has changed", log)
+    assert changed == [three_students["test_ids"][0]], changed
+    assert "SAWarning" not in three_students["hardened"].stderr
+    assert three_students["by_nbgrader"][("dave", ASSIGNMENT)] == (three_students["total"],) * 2
 
 
 def test_grading_never_changes_a_submission(three_students):
@@ -209,20 +311,20 @@ def test_grading_never_changes_a_submission(three_students):
 def test_a_second_run_keeps_finished_students(three_students):
     root = three_students["root"]
     out = attnlib_cli("grade-class", ASSIGNMENT, "--no-progress", cwd=root).stdout
-    assert "0 graded now, 3 kept" in out
+    assert "0 graded now, 4 kept" in out
     # a changed submission is graded again; the others are kept
     carol = root / "submitted" / "carol" / ASSIGNMENT / f"{ASSIGNMENT}.ipynb"
     saved = carol.read_bytes()
     try:
         nbformat.write(student_notebook(root, ASSIGNMENT, None), str(carol))
         out = attnlib_cli("grade-class", ASSIGNMENT, "--no-progress", cwd=root).stdout
-        assert "1 graded now, 2 kept" in out
+        assert "1 graded now, 3 kept" in out
         result = json.loads((root / "graded" / "carol" / ASSIGNMENT / "result.json").read_text())
         assert result["score"] == three_students["total"]
     finally:
         carol.write_bytes(saved)
     out = attnlib_cli("grade-class", ASSIGNMENT, "--no-progress", cwd=root).stdout
-    assert "1 graded now, 2 kept" in out
+    assert "1 graded now, 3 kept" in out
 
 
 # --------------------------------------------------------------------------- a crash mid-class

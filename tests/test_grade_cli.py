@@ -20,6 +20,7 @@ import torch
 
 from attnlib.cli import main as cli_main
 from attnlib.grading import notebook, runner, supervisor
+from attnlib.grading.report import format_table
 from attnlib.grading.runner import GradingError, grade_notebook
 
 FIXTURES = Path(__file__).parent / "fixtures" / "grading"
@@ -155,8 +156,41 @@ def test_cli_table(capsys: pytest.CaptureFixture) -> None:
     out = capsys.readouterr().out
     assert code == 0
     assert "total: 2/6" in out
-    line = next(ln for ln in out.splitlines() if ln.startswith("test_causal_mask"))
-    assert "0/1" in line and "no" in line and "aligned bottom-right" in line
+    lines = out.splitlines()
+    n = next(i for i, ln in enumerate(lines) if ln.startswith("test_causal_mask"))
+    assert "0/1" in lines[n] and "no" in lines[n] and "aligned bottom-right" in lines[n]
+    # the failing case, the clue to a wrong value, on the row below, under the feedback column
+    column = next(ln for ln in lines if ln.startswith("item")).index("feedback")
+    assert lines[n + 1][column:].startswith("[causal_mask, ") and "case '" in lines[n + 1]
+    assert not lines[n + 1][:column].strip()
+
+
+def _report(*feedback: str) -> "runner.Report":
+    items = [runner.Item(f"test_{n}", 3, feedback=f) for n, f in enumerate(feedback)]
+    return runner.Report("nb.ipynb", items)
+
+
+def test_table_shows_the_failing_case_under_each_message() -> None:
+    """The message on the item's row, each detail line (the case, a note) on a row of its own
+    under the feedback column; the JSON keeps the feedback as it is."""
+    report = _report("wrong values at 3 of 15 positions: largest error 0.1\n[softmax, case 'random logits (3, 5)']",
+                     "raised ValueError: bad\nsecond line of the error\n[attn, hidden case 'L != S']\n"
+                     "(note: cell 3 of the notebook raised NameError)",
+                     "all 5 cases passed")
+    lines = format_table(report, width=10_000).splitlines()
+    assert lines[3].startswith("test_0") and lines[3].endswith("wrong values at 3 of 15 positions: largest error 0.1")
+    column = lines[3].index("wrong values")
+    assert lines[4] == " " * column + "[softmax, case 'random logits (3, 5)']"
+    assert lines[5].startswith("test_1") and lines[5].endswith("raised ValueError: bad second line of the error")
+    assert lines[6] == " " * column + "[attn, hidden case 'L != S']"
+    assert lines[7] == " " * column + "(note: cell 3 of the notebook raised NameError)"
+    assert lines[8].startswith("test_2") and lines[8].endswith("all 5 cases passed")
+    assert lines[9] == "total: 0/9"
+    assert report.as_dict()["items"][0]["feedback"] == report.items[0].feedback
+    # cut to a narrow terminal: every line fits, the case's start is still there
+    narrow = format_table(report, width=60).splitlines()
+    assert all(len(ln) <= 60 for ln in narrow)
+    assert narrow[4].strip().startswith("[softmax, case") and narrow[4].endswith(" ...")
 
 
 @pytest.mark.parametrize("content", [None, "not json at all", '{"cells": 3}'])

@@ -8,6 +8,7 @@ that exist in the book, cases that survive ``torch.save``/``torch.load(weights_o
 from __future__ import annotations
 
 import io
+import math
 import re
 from pathlib import Path
 
@@ -33,7 +34,15 @@ from attnlib.grading import (
     judge,
     register,
 )
-from attnlib.grading.core import ForbiddenCallError, mistake_as_student
+from attnlib.grading.core import (
+    DEFAULT_SITE_URL,
+    SITE_URL,
+    ForbiddenCallError,
+    InputModifiedError,
+    mistake_as_student,
+    section_url,
+    site_url,
+)
 
 BOOK = Path(__file__).resolve().parent.parent / "book"
 
@@ -61,6 +70,7 @@ def _raises_value_error(x: Tensor) -> Tensor:
 
 
 DOUBLE_SECTION = "02_queries_keys_values.html#one-query"
+DOUBLE_URL = f"{SITE_URL}book/{DOUBLE_SECTION}"  # the "See ..." of a message: an absolute address
 
 
 @pytest.fixture
@@ -156,10 +166,101 @@ def test_call_clones_inputs_so_in_place_changes_do_not_leak(double):
         x.mul_(2)
         return x
 
-    out = call(double, mutating, case)
-    assert torch.equal(out, 2 * before)
+    with pytest.raises(InputModifiedError):
+        call(double, mutating, case)
     assert torch.equal(case.args[0], before)  # the case itself is unchanged
-    assert judge(double, case, out).passed
+
+
+@pytest.mark.parametrize("change, how", [
+    (lambda x: x.sub_(x.amax(-1, keepdim=True)), "entries changed, as `x -= m` does"),
+    (lambda x: x.__setitem__((0, 0), float("nan")), "1 of 12 entries changed"),
+    (lambda x: x.resize_(12), "it went from size (3, 4) to (12,)"),
+    (lambda x: setattr(x, "data", x.data.float()), "it went from torch.float64 to torch.float32"),
+])
+def test_call_fails_a_call_that_changes_its_input(double, change, how):
+    """Values (exactly, NaN-aware), shape and dtype: each change is named, with the argument."""
+    case = double.make_cases(False)[0]
+
+    def student(x: Tensor) -> Tensor:
+        out = 2 * x.detach().clone()
+        change(x)
+        return out
+
+    with pytest.raises(InputModifiedError) as info:
+        call(double, student, case)
+    message = str(info.value)
+    assert message.startswith("changed its input `x` in place (") and how in message
+    assert "the caller's tensor is modified" in message and message.endswith(f"See {DOUBLE_URL}.")
+    result = grade_function("_test_double", student)[0]  # the same message, in check() too
+    assert not result.passed and result.message == message
+
+
+def test_an_input_is_compared_exactly_and_nan_equal_to_nan(temp_register):
+    nan_case = _x(3, 4)
+    nan_case[1, 2] = float("nan")
+    ex = temp_register(Exercise(id="_test_nan_input", chapter=2, reference=_double, section=DOUBLE_SECTION,
+                                make_cases=lambda hidden: [Case("a NaN entry", (nan_case,))]))
+
+    def rewrites_the_same_values(x: Tensor) -> Tensor:
+        x.copy_(x.clone())  # written to, but every value (NaN too) is what it was
+        return 2 * x
+
+    assert grade_function(ex.id, rewrites_the_same_values)[0].passed
+
+    def off_by_an_ulp(x: Tensor) -> Tensor:
+        out = 2 * x
+        x[0, 0] = torch.nextafter(x[0, 0], torch.tensor(math.inf, dtype=x.dtype))
+        return out
+
+    assert "1 of 12 entries changed" in grade_function(ex.id, off_by_an_ulp)[0].message
+
+
+def _pairwise(x: Tensor, pair: list, *, scale: Tensor | None = None) -> Tensor:
+    return 2 * x + pair[0] - pair[1] + (0 if scale is None else scale)
+
+
+def test_a_changed_input_is_named_by_its_parameter_nested_or_keyword(temp_register):
+    ex = temp_register(Exercise(
+        id="_test_pairwise", chapter=2, reference=_pairwise, section=DOUBLE_SECTION,
+        make_cases=lambda hidden: [Case("list and keyword", (_x(3, seed=1), [_x(3, seed=2), _x(3, seed=3)]),
+                                        {"scale": _x(3, seed=4)})]))
+
+    def changes_the_list(x, pair, *, scale=None):
+        out = _pairwise(x, pair, scale=scale)
+        pair[1].zero_()
+        return out
+
+    def changes_the_keyword(x, pair, *, scale=None):
+        out = _pairwise(x, pair, scale=scale)
+        scale += 1
+        return out
+
+    def replaces_an_element(x, pair, *, scale=None):
+        out = _pairwise(x, pair, scale=scale)
+        pair.append(x)
+        return out
+
+    assert "changed its input `pair[1]` in place" in grade_function(ex.id, changes_the_list)[0].message
+    assert "changed its input `scale` in place" in grade_function(ex.id, changes_the_keyword)[0].message
+    message = grade_function(ex.id, replaces_an_element)[0].message
+    assert "changed its input `pair` in place (it now holds a list of 3 elements instead of 2" in message
+
+
+def test_a_catalogued_in_place_mistake_is_named(temp_register):
+    ex = temp_register(Exercise(
+        id="_test_in_place", chapter=2, reference=_double, section=DOUBLE_SECTION,
+        make_cases=lambda hidden: [Case("visible", (_x(3, 4),))],
+        mistakes=(Mistake("off by one", "added one.", "02_queries_keys_values.html#the-maths", _double_plus_one),
+                  Mistake("modifies its input in place", "x *= 2 doubles the caller's tensor.",
+                          "02_queries_keys_values.html#the-code", lambda x: x.mul_(2).clone(),
+                          changes_input=True))))
+    result = grade_function(ex.id, mistake_as_student(ex, ex.mistakes[1]))[0]
+    first, detail = result.message.split("\n")
+    assert first == ("Looks like modifies its input in place: x *= 2 doubles the caller's tensor. "
+                     f"See {SITE_URL}book/02_queries_keys_values.html#the-code.")
+    assert detail.startswith("(changed its input `x` in place (12 of 12 entries changed")
+    # a wrong output is never matched against it (it is recognised by the call, not by its output)
+    assert "Looks like off by one" in grade_function(ex.id, _double_plus_one)[0].message
 
 
 class _Affine(nn.Module):
@@ -226,13 +327,35 @@ def test_call_leaves_the_global_random_state_alone(affine):
     assert torch.equal(torch.random.get_rng_state(), state)
 
 
+def test_a_module_may_change_its_own_state_but_not_its_input(affine):
+    """The weights (the case's state_dict) and the module's state are not inputs; ``x`` is."""
+    class ChangesItsWeights(_Affine):
+        def forward(self, x: Tensor) -> Tensor:
+            out = self.lin(x)
+            with torch.no_grad():
+                self.lin.weight.mul_(2)  # its own state: allowed
+            self.calls = getattr(self, "calls", 0) + 1
+            return out
+
+        def twice(self, x: Tensor, extra: float = 0.0) -> Tensor:
+            out = 2 * self.lin(x) + extra
+            x.zero_()  # the caller's input: not allowed
+            return out
+
+    first, second = grade_function("_test_affine", ChangesItsWeights)
+    assert first.passed
+    assert not second.passed and second.message.startswith("changed its input `x` in place (6 of 6 entries")
+    assert second.message.endswith(f"See {SITE_URL}book/04_multi_head.html#the-code.")
+
+
 def test_method_style_mistakes_of_modules_are_recognised(affine):
     mistake = affine.mistakes[0]
     student = mistake_as_student(affine, mistake)
     assert issubclass(student, _Affine)
     results = grade_function("_test_affine", student)
     assert [r.passed for r in results] == [False, False]
-    assert all(r.message.startswith("Looks like forgot the bias: no b. See 04_multi_head.html#the-maths.")
+    see = f"See {SITE_URL}book/04_multi_head.html#the-maths."
+    assert all(r.message.startswith(f"Looks like forgot the bias: no b. {see}")
                for r in results)
 
 
@@ -257,7 +380,7 @@ def test_type_messages(double, output, expected):
     result = _judge_one(double, output)
     assert not result.passed
     assert expected in result.message
-    assert result.message.endswith(f"See {DOUBLE_SECTION}.")
+    assert result.message.endswith(f"See {DOUBLE_URL}.")
 
 
 def test_shape_dtype_nan_and_inf_each_have_their_own_message(double):
@@ -359,7 +482,7 @@ def test_an_output_matching_a_mistake_is_named_with_its_section(double):
     assert not result.passed
     first_line, detail = result.message.split("\n")
     assert first_line == ("Looks like off by one: added one. "
-                          "See 02_queries_keys_values.html#the-maths.")
+                          f"See {SITE_URL}book/02_queries_keys_values.html#the-maths.")
     assert detail.startswith("(wrong values at 12 of 12 positions")
 
 
@@ -370,7 +493,7 @@ def test_an_unrecognised_wrong_output_reports_the_largest_error_and_the_default_
     result = _judge_one(double, out)
     assert "Looks like" not in result.message
     assert "largest error 0.25 at index (1, 3)" in result.message
-    assert result.message.endswith(f"See {DOUBLE_SECTION}.")
+    assert result.message.endswith(f"See {DOUBLE_URL}.")
 
 
 def test_a_mistake_is_recognised_at_the_shape_and_dtype_stages_too(temp_register):
@@ -606,3 +729,73 @@ def test_exercise_ids_are_the_reference_names(ex_id):
     assert name == ex.reference.__name__
     if method:
         assert ex.kind == "module" and {c.method for c in ex.make_cases(False)} == {method}
+
+
+# --------------------------------------------------------------------------- the course site
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_site_constant_is_what_the_course_config_gives():
+    """The grader's sandboxed child cannot read _config.yml (the course folder is hidden) and
+    uses DEFAULT_SITE_URL: it must be the address the parent derives from _config.yml."""
+    yaml = pytest.importorskip("yaml")
+    config = yaml.safe_load((ROOT / "_config.yml").read_text(encoding="utf-8"))
+    base = (config.get("html") or {}).get("baseurl")
+    owner, name = config["repository"]["url"].rstrip("/").split("/")[-2:]
+    expected = base.rstrip("/") + "/" if base else f"https://{owner.lower()}.github.io/{name}/"
+    assert SITE_URL == site_url(ROOT / "_config.yml") == expected
+    assert DEFAULT_SITE_URL == expected, "update DEFAULT_SITE_URL in attnlib/grading/core.py"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("repository:\n  url: https://github.com/Someone/notes\n  branch: main\n", "https://someone.github.io/notes/"),
+    ("repository:\n  url: https://github.com/someone/someone.github.io.git\n", "https://someone.github.io/"),
+    ("html:\n  baseurl: 'https://course.example.org/attention'  # the site\nrepository:\n"
+     "  url: https://github.com/someone/notes\n", "https://course.example.org/attention/"),
+    ("title: x\nrepository:\n  url: https://gitlab.com/someone/notes\n", DEFAULT_SITE_URL),
+    ("title: x\n", DEFAULT_SITE_URL),
+])
+def test_site_url_from_a_config(tmp_path, text, expected):
+    config = tmp_path / "_config.yml"
+    config.write_text(text)
+    assert site_url(config) == expected
+
+
+def test_site_url_falls_back_without_a_config(tmp_path):
+    assert site_url(tmp_path / "missing.yml") == DEFAULT_SITE_URL
+
+
+def test_section_url_is_absolute_and_sections_stay_relative():
+    assert section_url("03_scaling.html#the-code") == f"{SITE_URL}book/03_scaling.html#the-code"
+    assert section_url("https://example.org/x.html#y") == "https://example.org/x.html#y"
+    for ex in EXERCISES.values():
+        assert "://" not in ex.section and all("://" not in m.section for m in ex.mistakes), ex.id
+
+
+# --------------------------------------------------------------------------- through the grader's child
+
+
+def test_a_changed_input_reaches_the_graders_report(tmp_path):
+    """The sandboxed child calls :func:`call` too: its InputModifiedError becomes the item's
+    feedback, with the catalogued mistake and an absolute link."""
+    import json
+
+    from attnlib.grading.runner import grade_notebook
+
+    fixtures = ROOT / "tests" / "fixtures" / "grading"
+    nb = json.loads((fixtures / "correct.ipynb").read_text())
+    cell = next(c for c in nb["cells"] if "def softmax" in "".join(c["source"]))
+    source = "".join(cell["source"])
+    assert "    e = torch.exp(z - m)\n" in source
+    cell["source"] = source.replace("    e = torch.exp(z - m)\n", "    z -= m\n    e = torch.exp(z)\n")
+    path = tmp_path / "in_place.ipynb"
+    path.write_text(json.dumps(nb))
+    report = grade_notebook(path, source=fixtures / "source.ipynb", timeout=120)
+    items = {i.id: i for i in report.items}
+    feedback = items["test_softmax"].feedback
+    assert items["test_softmax"].points == 0 and items["test_causal_mask"].passed
+    assert "Looks like modifies its input in place: " in feedback
+    assert f"See {section_url('02_queries_keys_values.html#a-softmax-that-cannot-overflow')}." in feedback
+    assert "changed its input `x` in place (15 of 15 entries changed" in feedback

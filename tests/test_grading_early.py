@@ -14,7 +14,7 @@ from torch import Tensor
 import attnlib
 from attnlib.grading import EXERCISES, check, grade_function
 from attnlib.grading.exercises import CHAPTER_MODULES
-from attnlib.grading.core import mistake_as_student
+from attnlib.grading.core import mistake_as_student, section_url
 
 # The exercises of chapters 1-5, read from the registry (tests/test_authoring.py checks that it
 # holds exactly the exercises of the notebooks' authoring files, chapter by chapter).
@@ -57,7 +57,7 @@ def test_every_mistake_fails_a_visible_case_and_is_named(ex_id, mistake_name):
     assert failed, f"{ex_id}: mistake {mistake_name!r} passes every visible case"
     named = [r for r in failed if f"Looks like {mistake_name}: " in r.message]
     assert named, f"{ex_id}: {mistake_name!r} is reported as {[r.message for r in failed]}"
-    assert f"See {mistake.section}." in named[0].message
+    assert f"See {section_url(mistake.section)}." in named[0].message
 
 
 @pytest.mark.parametrize("ex_id, minimum", [

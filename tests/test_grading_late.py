@@ -140,6 +140,24 @@ def test_flash_check_accepts_tiles_and_a_differently_tiled_solution():
     assert all(r.passed for r in grade_function("flash_attention", row_blocks, hidden=True))
 
 
+def _precomputed_mask_flash(query, key, value, is_causal=False, scale=None, block_q=512, block_k=256,
+                            return_lse=False):
+    """Tiled, but with the causal mask built whole first: an (L, S) boolean tensor."""
+    L, S = query.size(-2), key.size(-2)
+    keep = torch.ones(L, S, dtype=torch.bool).tril()
+    assert keep.shape == (L, S)
+    return flash_attention(query, key, value, is_causal, scale, block_q, block_k, return_lse)
+
+
+def test_flash_check_names_a_precomputed_mask_as_a_mask_not_a_score_matrix():
+    failed = [r for r in grade_function("flash_attention", _precomputed_mask_flash, hidden=True) if not r.passed]
+    assert [r.case for r in failed] == ["causal, L = S = 200, blocks 48 x 40 (no L x S tensor allowed)"]
+    message = failed[0].message
+    assert message.startswith("built an L x S boolean mask of shape (200, 200) (L = 200, S = 200, blocks 48 x 40)")
+    assert "not the score matrix" in message and NO_SCORE_MATRIX not in message
+    assert "See https://" in message  # the advice's link is absolute too
+
+
 # ----------------------------------------------------------------------------- KVCache
 
 
@@ -300,7 +318,8 @@ class MyGQA(attnlib.MultiHeadAttention):
             past = kv_cache.seq_len
             k, v = kv_cache.update(k, v)
         S = k.size(2)
-        scores = torch.einsum("blgrd,bgsd->bgrls", q, k) / D ** 0.5  # (B, G, R, L, S)
+        work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype  # as the course asks
+        scores = torch.einsum("blgrd,bgsd->bgrls", q.to(work), k.to(work)) / D ** 0.5  # (B, G, R, L, S)
         keep = torch.ones(L, S, dtype=torch.bool)
         if kv_cache is not None:
             keep = torch.arange(S)[None, :] <= torch.arange(L)[:, None] + past
@@ -315,8 +334,8 @@ class MyGQA(attnlib.MultiHeadAttention):
         top = scores.amax(-1, keepdim=True).nan_to_num(neginf=0.0)
         w = (scores - top).exp()
         w = w / w.sum(-1, keepdim=True).clamp_min(1e-300)
-        y = torch.einsum("bgrls,bgsd->blgrd", w, v).reshape(B, L, -1)
-        return self.o_proj(y)
+        y = torch.einsum("bgrls,bgsd->blgrd", w, v.to(work)).reshape(B, L, -1)
+        return self.o_proj(y.to(x.dtype))
 
 
 class RepeatsBeforeCaching(attnlib.MultiHeadAttention):
@@ -460,3 +479,54 @@ def test_unpatchify_independent_solution_and_fold_refused():
 
     assert all("called torch.nn.functional.fold" in r.message for r in grade_function("unpatchify", folded))
 
+
+
+# ----------------------------------------------------------------------------- scores far from 0
+
+# The attention-like exercises and how their cases' scores are computed (float64): every one
+# has a float32 and a bfloat16 low-precision case where every score of some rows lies far
+# below 0 (exp underflows without the max subtraction; a running max started at 0 loses the
+# row) and of other rows far above 0 (exp overflows). attention_entropy takes weights, not
+# scores, and linear_attention has no softmax: neither has a maximum to subtract.
+ATTENTION_LIKE = ("softmax", "scaled_dot_product_attention", "attention_weights", "MultiHeadAttention.forward",
+                  "MultiHeadAttention", "flash_attention", "flash_attention_backward")
+
+
+def _scores(ex_id: str, case: Case) -> Tensor:
+    """The (..., L, S) scores of a case in float64, rows along the last axis."""
+    if ex_id == "softmax":
+        return case.args[0].double().movedim(case.kwargs.get("dim", -1), -1)
+    if EXERCISES[ex_id].kind == "module":
+        m = attnlib.MultiHeadAttention(*case.init_args).double()
+        m.load_state_dict({k: t.double() for k, t in case.state_dict.items()})
+        x = case.args[0].double()
+        q = m.split_heads(m.q_proj(x), m.n_heads)
+        k = attnlib.repeat_kv(m.split_heads(m.k_proj(x), m.n_kv_heads), m.n_heads // m.n_kv_heads)
+        return q @ k.transpose(-2, -1) / math.sqrt(m.head_dim)
+    q, k = case.args[0].double(), case.args[1].double()
+    scale = case.kwargs.get("scale") or 1 / math.sqrt(q.size(-1))
+    return q @ k.transpose(-2, -1) * scale
+
+
+@pytest.mark.parametrize("ex_id", ATTENTION_LIKE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_attention_like_exercises_have_low_precision_cases_with_scores_far_from_0(ex_id, dtype):
+    ex = EXERCISES[ex_id]
+    found = False
+    for case in ex.make_cases(False) + ex.make_cases(True):
+        first = case.args[0] if ex.kind == "function" else next(iter(case.state_dict.values()))
+        if not (case.low_precision and first.dtype == dtype):
+            continue
+        rows = _scores(ex_id, case).flatten(0, -2)
+        found |= bool((rows <= -1000).all(-1).any() and (rows >= 1000).all(-1).any())
+    assert found, f"{ex_id}: no {dtype} case with rows of scores all <= -1000 and rows all >= 1000"
+
+
+def test_the_mistakes_of_scores_far_from_0_are_catalogued():
+    names = {ex_id: {m.name for m in EXERCISES[ex_id].mistakes} for ex_id in ATTENTION_LIKE}
+    for ex_id in ATTENTION_LIKE[:5] + ("flash_attention",):
+        assert "no max subtraction" in names[ex_id], ex_id
+    assert "running max initialised to 0 instead of -inf" in names["flash_attention"]
+    assert "P computed as exp(scores) / exp(lse)" in names["flash_attention_backward"]
+    in_place = {ex_id for ex_id, ex in EXERCISES.items() if any(m.changes_input for m in ex.mistakes)}
+    assert in_place == {"softmax", "scaled_dot_product_attention", "attention_weights", "flash_attention"}

@@ -169,6 +169,61 @@ def _v4_0(nb: dict, folder: Path) -> None:
 
 WRONG_SOFTMAX = "return x"  # a wrong, honest answer: 0 for test_softmax
 
+
+def _honest(cell: str) -> str:
+    """The body of a solution cell (after its docstring), dedented."""
+    text = _src(CORRECT["cells"][CELL[cell]])
+    return textwrap.dedent(text[len(_header(CELL[cell])):])
+
+
+# --- the universal cheat (issue 12): softmax's reference outputs on every public case, computed
+# at the top level of a cell by one route or another, and a softmax that looks them up
+LOOKUP = """
+    for args, kwargs, out in globals().get("_TABLE", []):
+        if args[0].shape == x.shape and args[0].dtype == x.dtype and torch.equal(args[0], x) \\
+                and kwargs.get("dim", -1) == dim:
+            return out.clone()
+    return x  # not in the table: wrong
+"""
+TABULATE = """
+from attnlib.grading import EXERCISES
+_CASES = [c for hidden in (False, True) for c in EXERCISES["softmax"].make_cases(hidden)]
+_TABLE = [(c.args, c.kwargs, {ref}(*c.args, **c.kwargs)) for c in _CASES]
+"""
+
+
+def precompute(setup: str, ref: str = "_s", after: str = "") -> Callable[[dict, Path], None]:
+    """The cheat: a cell after the imports runs ``setup`` (which makes ``ref``, the route to the
+    reference), tabulates ``ref`` on softmax's cases, then ``after``; softmax looks it up."""
+    cell = textwrap.dedent(setup).strip("\n") + "\n" + TABULATE.format(ref=ref) + textwrap.dedent(after)
+    return both(replace("softmax", LOOKUP), insert("imports", cell))
+
+
+def _grader_helper_as_softmax(nb: dict, folder: Path) -> None:
+    nb["cells"][CELL["softmax"]]["source"] = (
+        "from attnlib.grading.exercises.ch02_queries_keys_values import _softmax as softmax\n")
+
+
+def _launders_for_sdpa(nb: dict, folder: Path) -> None:
+    """An honest softmax whose graded calls also tabulate F.scaled_dot_product_attention (allowed
+    to softmax, forbidden to sdpa) on sdpa's cases, and an sdpa that looks them up."""
+    tabulate = textwrap.dedent("""
+        global _SDPA
+        if "_SDPA" not in globals():
+            import torch.nn.functional as F
+            from attnlib.grading import EXERCISES
+            _SDPA = [(c.args, c.kwargs, F.scaled_dot_product_attention(*c.args, **c.kwargs))
+                     for hidden in (False, True) for c in EXERCISES["scaled_dot_product_attention"].make_cases(hidden)]
+    """)
+    nb["cells"][CELL["softmax"]]["source"] = body("softmax", tabulate + _honest("softmax"))
+    nb["cells"][CELL["sdpa"]]["source"] = body("sdpa", """
+        for args, kwargs, out in globals().get("_SDPA", []):
+            if args[0].shape == query.shape and torch.equal(args[0], query) \\
+                    and kwargs.get("is_causal", False) == is_causal:
+                return out.clone()
+        return query
+    """)
+
 CASES: dict[str, Case] = {
     # ------------------------------------------------------------------ integrity
     "test_cells_edited": Case(
@@ -318,11 +373,11 @@ CASES: dict[str, Case] = {
         replace("softmax", "import attnlib\nreturn attnlib.softmax(x, dim)"), 4, IDS[1:],
         feedback={"test_softmax": ("called attnlib",)}),
     "attnlib_alias_from_an_earlier_cell": Case(
-        both(replace("softmax", "return _reference(x, dim)"),
+        both(no_explore, replace("softmax", "return _reference(x, dim)"),
              insert("imports", "from attnlib import softmax as _reference\n")), 4, IDS[1:],
         feedback={"test_softmax": ("called attnlib.softmax, which this exercise forbids",)}),
     "attnlib_module_alias": Case(
-        both(replace("softmax", "return _att.softmax(x, dim)"),
+        both(no_explore, replace("softmax", "return _att.softmax(x, dim)"),
              insert("imports", "import attnlib.attention as _att\n")), 4, IDS[1:],
         feedback={"test_softmax": ("called attnlib.softmax, which this exercise forbids",)}),
     "graded_name_is_the_reference": Case(
@@ -346,16 +401,19 @@ CASES: dict[str, Case] = {
              insert("imports", "_sm = torch.Tensor.softmax\n")), 4, IDS[1:],
         feedback={"test_softmax": ("called torch.Tensor.softmax",)}),
     "watcher_switched_off": Case(
-        replace("softmax", """
+        both(no_explore, replace("softmax", """
             import sys
             hook = sys.getprofile()
             sys.setprofile(None)
             out = torch.softmax(x, dim)
             sys.setprofile(hook)
             return out
-        """), 4, IDS[1:], feedback={"test_softmax": ("call watcher",)}),
+        """)), 0, (),
+        feedback={"test_softmax": ("changed the grader's call watcher (sys.setprofile) during a graded call",),
+                  **{i: ("changed the grader's call watcher during the graded function of another exercise (softmax)",)
+                     for i in IDS[1:]}}),
     "watcher_broken_by_recursion": Case(
-        both(replace("softmax", """
+        both(no_explore, replace("softmax", """
             def deep(n):
                 return deep(n + 1)
             try:
@@ -375,13 +433,12 @@ CASES: dict[str, Case] = {
             grader["CallWatcher"].arm = lambda self: None
             grader["_grade_exercise"].__code__ = (lambda *a, **k: None).__code__
             sys.modules["attnlib.grading.core"]._forbid = lambda names: __import__("contextlib").nullcontext()
-        """)), 4, IDS[1:], feedback={"test_softmax": ("called attnlib.softmax",)},
+        """)), 0, (), feedback={i: ("replaced the grader's own code", "during cell 2") for i in IDS},
         notes=("replaced the grader's own code", "put back")),
     "reads_hidden_files": Case(lambda nb, f: None),  # built by its test (absolute paths)
     "writes_to_the_gradebook": Case(lambda nb, f: None),  # built by its test
-    "mutates_its_inputs": Case(
-        replace("softmax", "x.zero_()\nreturn torch.full_like(x, 1.0 / x.size(dim))"), 4, IDS[1:],
-        feedback={"test_softmax": ("wrong values",)}),
+    "mutates_its_inputs": Case(  # its message: see test_mutated_inputs_are_named
+        replace("softmax", "x.zero_()\nreturn torch.full_like(x, 1.0 / x.size(dim))"), 4, IDS[1:]),
     "reseeds_the_rng": Case(
         replace("softmax", "torch.manual_seed(0)\nreturn torch.rand_like(x)"), 4, IDS[1:],
         feedback={"test_softmax": ("wrong values",)}),
@@ -397,6 +454,133 @@ CASES: dict[str, Case] = {
             except OSError as exc:
                 print("NETWORK: failed:", exc)
         """), 6, IDS),
+    # ------------------------------------------------------------------ the whole run (issue 12)
+    # softmax's reference outputs tabulated at the top level of a cell (cell 2), and looked up
+    "top_level_precompute": Case(
+        precompute("import attnlib", "attnlib.softmax"), 4, IDS[1:],
+        feedback={"test_softmax": ("called attnlib.softmax outside a graded function (cell 2)",
+                                   "which this exercise forbids")}),
+    "top_level_precompute_alias": Case(
+        precompute("from attnlib import softmax as _s"), 4, IDS[1:],
+        feedback={"test_softmax": ("called attnlib.softmax outside a graded function (cell 2)",)}),
+    "top_level_precompute_module_alias": Case(
+        precompute("import attnlib.attention as _att", "_att.softmax"), 4, IDS[1:],
+        feedback={"test_softmax": ("called attnlib.softmax outside a graded function (cell 2)",)}),
+    "top_level_precompute_through_partial": Case(
+        precompute("import functools, attnlib\n_s = functools.partial(attnlib.softmax)"), 4, IDS[1:],
+        feedback={"test_softmax": ("called attnlib.softmax outside a graded function (cell 2)",)}),
+    "top_level_precompute_function_type": Case(
+        precompute("import types, attnlib\n_s = types.FunctionType(attnlib.softmax.__code__, "
+                   "attnlib.softmax.__globals__, None, attnlib.softmax.__defaults__)"), 4, IDS[1:],
+        feedback={"test_softmax": ("called attnlib.softmax outside a graded function (cell 2)",)}),
+    "top_level_precompute_code_replace": Case(
+        precompute("import types, attnlib\n_code = attnlib.softmax.__code__.replace(co_filename='mine.py', "
+                   "co_name='mine')\n_s = types.FunctionType(_code, attnlib.softmax.__globals__, None, "
+                   "attnlib.softmax.__defaults__)"), 4, IDS[1:],
+        feedback={"test_softmax": ("copied the code of attnlib.softmax", "code.replace",
+                                   "outside a graded function (cell 2)")}),
+    "top_level_precompute_getsource_exec": Case(
+        precompute("import inspect, attnlib\n_ns = {}\nexec(inspect.getsource(attnlib.softmax), "
+                   "attnlib.attention.__dict__ | _ns)\n_s = _ns['softmax']"), 0, (),
+        feedback={i: ("read attnlib/attention.py, the source of attnlib.attention",
+                      "outside a graded function (cell 2)") for i in IDS}),
+    "top_level_precompute_source_file_exec": Case(
+        precompute("import attnlib\n_ns = dict(vars(attnlib.attention))\n"
+                   "exec(open(attnlib.attention.__file__).read().replace('from .', 'from attnlib.'), _ns)\n"
+                   "_s = _ns['softmax']"), 0, (),
+        feedback={i: ("read attnlib/attention.py",) for i in IDS}),
+    "top_level_precompute_pathlib_read": Case(
+        precompute("import pathlib, attnlib\n_ns = dict(vars(attnlib.attention))\n"
+                   "exec(pathlib.Path(attnlib.attention.__file__).read_text(), _ns)\n_s = _ns['softmax']"),
+        0, (), feedback={i: ("read attnlib/attention.py",) for i in IDS}),
+    "top_level_precompute_importlib_reload": Case(
+        precompute("import importlib, attnlib.attention\n_s = importlib.reload(attnlib.attention).softmax"),
+        0, (), feedback={i: ("the source of attnlib.attention",) for i in IDS}),
+    "top_level_precompute_spec_from_file_location": Case(
+        precompute("import importlib.util, attnlib.attention\n"
+                   "_spec = importlib.util.spec_from_file_location('attnlib.copy', attnlib.attention.__file__)\n"
+                   "_m = importlib.util.module_from_spec(_spec)\n_spec.loader.exec_module(_m)\n_s = _m.softmax"),
+        0, (), feedback={i: ("the source of attnlib.attention",) for i in IDS}),
+    "top_level_precompute_pycache_marshal": Case(
+        precompute("import importlib.util, marshal, types, attnlib.attention\n"
+                   "_pyc = open(importlib.util.cache_from_source(attnlib.attention.__file__), 'rb').read()\n"
+                   "_ns = dict(vars(attnlib.attention))\nexec(marshal.loads(_pyc[16:]), _ns)\n_s = _ns['softmax']"),
+        0, (), feedback={i: ("read attnlib/__pycache__/attention",) for i in IDS}),
+    "top_level_precompute_marshal": Case(
+        precompute("import marshal, types, attnlib\n_code = marshal.loads(marshal.dumps(attnlib.softmax.__code__))\n"
+                   "_s = types.FunctionType(_code, attnlib.softmax.__globals__, None, attnlib.softmax.__defaults__)"),
+        4, IDS[1:], feedback={"test_softmax": ("copied the code of attnlib.softmax", "(marshal)")}),
+    "top_level_precompute_watcher_switched_off": Case(
+        precompute("import sys, attnlib\n_hook = sys.getprofile()\nsys.setprofile(None)", "attnlib.softmax",
+                   "sys.setprofile(_hook)\n"), 0, (),
+        feedback={i: ("changed the grader's call watcher (sys.setprofile) during cell 2",) for i in IDS}),
+    "top_level_precompute_threading_setprofile": Case(
+        precompute("import threading, attnlib\nthreading.setprofile(None)", "attnlib.softmax"), 0, (),
+        feedback={i: ("changed the grader's call watcher (threading.setprofile) during cell 2",) for i in IDS}),
+    "top_level_precompute_torch_modes_off": Case(
+        precompute("import torch\n_disabled = torch._C.DisableTorchFunction()\n_disabled.__enter__()",
+                   "torch.softmax", "_disabled.__exit__(None, None, None)\n"), 0, (),
+        feedback={i: ("changed the grader's call watcher (torch function modes) during cell 2",) for i in IDS}),
+    "top_level_precompute_then_crash": Case(
+        both(insert("causal_mask", "import torch\n_TABLE = torch.load('table.pt')\n"),
+             precompute("import attnlib, os, sys, torch", "attnlib.softmax", """
+                 torch.save(_TABLE, 'table.pt')  # the working directory outlives the process
+                 for name in ('whole_run.json', 'progress.json'):
+                     try:
+                         os.remove(os.path.join(sys.argv[-1], name))
+                     except OSError as exc:
+                         print('REMOVE:', exc)
+                 sys.stdout.flush()
+                 os._exit(1)
+             """)),
+        4, IDS[1:], feedback={"test_softmax": ("called attnlib.softmax outside a graded function (cell 2)",)},
+        notes=("os._exit(1)", "cell 2")),
+    "reads_the_source_in_the_function": Case(
+        both(no_explore, replace("softmax", "import inspect, attnlib.attention\n"
+                                            "source = inspect.getsource(attnlib.attention)\nreturn x")), 0, (),
+        feedback={"test_softmax": ("read attnlib/attention.py, the source of attnlib.attention, which this exercise "
+                                   "forbids",),
+                  **{i: ("read attnlib/attention.py", "inside the graded function of another exercise (softmax)")
+                     for i in IDS[1:]}}),
+    "top_level_subprocess": Case(
+        insert("imports", "import subprocess, sys\nsubprocess.run([sys.executable, '-c', 'import attnlib'])\n"),
+        6, IDS, notes=("cell 2", "does not let the notebook start other programs (subprocess.Popen)")),
+    "thread_started_from_c": Case(
+        insert("imports", "import _thread, functools, time\n"
+                          "functools.partial(_thread.start_new_thread, time.sleep, (0,))()\n"),
+        6, IDS),  # and see test_no_thread_or_program_can_start
+    "grader_helper_as_the_answer": Case(
+        both(no_explore, _grader_helper_as_softmax), 4, IDS[1:],
+        feedback={"test_softmax": ("called the grader's own code (attnlib.grading.exercises.ch02_queries_keys_values."
+                                   "_softmax), which is not allowed",)}),
+    "grader_helper_in_the_function": Case(
+        both(no_explore, replace("softmax", "from attnlib.grading.exercises.ch02_queries_keys_values import _softmax\n"
+                                            "return _softmax(x, dim)")), 4, IDS[1:],
+        feedback={"test_softmax": ("called the grader's own code",)}),
+    "grader_helper_at_the_top_level": Case(
+        insert("imports", "import torch\nfrom attnlib.grading.exercises.ch02_queries_keys_values import _softmax\n"
+                          "_softmax(torch.ones(3))\n"), 0, (),
+        feedback={i: ("called the grader's own code (attnlib.grading.exercises.ch02_queries_keys_values._softmax) "
+                      "outside a graded function (cell 2)",) for i in IDS}),
+    "launders_through_another_graded_call": Case(
+        both(no_explore, _launders_for_sdpa), 3, IDS[:2],
+        feedback={"test_scaled_dot_product_attention": (
+            "called torch.nn.functional.scaled_dot_product_attention inside the graded function of another "
+            "exercise (softmax)",)}),
+    "top_level_reference_of_no_exercise": Case(
+        insert("imports", "import attnlib, torch\nattnlib.attention_weights(torch.ones(1, 2, 3, 4), "
+                          "torch.ones(1, 2, 3, 4))\n"), 0, (),
+        feedback={i: ("called attnlib.attention_weights outside a graded function (cell 2)",) for i in IDS}),
+    "top_level_call_forbidden_to_one_exercise": Case(
+        insert("imports", "import torch, torch.nn.functional as F\n_q = torch.ones(1, 2, 3, 4)\n"
+                          "F.scaled_dot_product_attention(_q, _q, _q)\n"), 3, IDS[:2],
+        feedback={"test_scaled_dot_product_attention": (
+            "called torch.nn.functional.scaled_dot_product_attention outside a graded function (cell 2)",)}),
+    "course_helpers_at_the_top_level": Case(
+        insert("imports", "import attnlib\nfrom attnlib import KVCache\n"
+                          "from attnlib._validate import check_positive_int\ncheck_positive_int(4, 'heads')\n"
+                          "from attnlib.grading import EXERCISES\n_cases = EXERCISES['softmax'].make_cases(True)\n"),
+        6, IDS),
     # ------------------------------------------------------------------ numerics
     "nan_output": Case(replace("softmax", "return torch.full_like(x, float('nan'))"), 4, IDS[1:],
                        feedback={"test_softmax": ("NaN",)}),
@@ -712,10 +896,139 @@ def test_overall_timeout_covers_the_restarts(tmp_path: Path) -> None:
     assert all("timed out" in i.feedback and "6 s" in i.feedback for i in report.items)
 
 
+def test_mutated_inputs_are_named(corpus: Corpus) -> None:
+    """The inputs are cloned for every call, so a softmax that zeroes its input only hurts
+    itself, and the check names the in-place change (not a raised error, not wrong values)."""
+    feedback = items(corpus["mutates_its_inputs"].report)["test_softmax"].feedback
+    assert "changed its input `x` in place" in feedback and "raised" not in feedback, feedback
+
+
 def test_hostile_fixtures_folder_documents_the_corpus() -> None:
     readme = (HOSTILE / "README.md").read_text()
     for name in CASES:
         assert name in readme, name
+
+
+# --------------------------------------------------------------------------- the whole run (issue 12)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_no_thread_or_program_can_start(corpus: Corpus) -> None:
+    """A thread started from C (no profiler can be set in it) and a program (another
+    interpreter, where the reference is in reach) are refused: the cell fails, with a note."""
+    notes = corpus["thread_started_from_c"].report.notes
+    assert any("cell 2" in n and "can't start new thread" in n for n in notes) \
+        or any("no seccomp" in n for n in notes), notes
+    notes = corpus["top_level_subprocess"].report.notes
+    assert any("cell 2" in n and "start other programs" in n for n in notes), notes
+
+
+def test_the_record_outlives_a_crash(corpus: Corpus) -> None:
+    """A cell that cheats, tries to delete the grader's files and crashes the process: the fresh
+    process skips the cell (a later cell loads the table the cheat saved, where the working
+    directory outlives the process), but the record of the forbidden call was kept, and the
+    grader's directory was out of reach."""
+    report = corpus["top_level_precompute_then_crash"].report
+    removes = [line for line in report.log.splitlines() if line.startswith("REMOVE:")]
+    assert len(removes) == 2 and all("out of the notebook's reach" in line for line in removes), report.log
+    assert any("run again without it" in n for n in report.notes), report.notes
+
+
+def _chapter_2_lookup_table(folder: Path) -> Path:
+    """The measured universal cheat (issue 12): the released chapter 2 notebook with the honest
+    softmax (the solution's) and an sdpa that looks up attnlib's outputs on every public case,
+    tabulated at the top level of its cell."""
+    name = "02_queries_keys_values"
+    released = json.loads((ROOT / "notebooks" / name / f"{name}.ipynb").read_text())
+    solution = json.loads((ROOT / "solutions" / name / f"{name}.ipynb").read_text())
+    by_id = {c.get("id"): c for c in solution["cells"]}
+    for cell in released["cells"]:
+        if cell.get("id") == "softmax-solution":
+            cell["source"] = by_id["softmax-solution"]["source"]
+        elif cell.get("id") == "scaled_dot_product_attention-solution":
+            cell["source"] = textwrap.dedent("""
+                import attnlib
+                from attnlib.grading import EXERCISES
+                _TABLE = [(c.args, c.kwargs, attnlib.scaled_dot_product_attention(*c.args, **c.kwargs))
+                          for hidden in (False, True)
+                          for c in EXERCISES["scaled_dot_product_attention"].make_cases(hidden)]
+
+                def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                                 scale=None, enable_gqa=False, *, generator=None):
+                    for args, kwargs, out in _TABLE:
+                        if (args[0].shape == query.shape and torch.equal(args[0], query)
+                                and kwargs.get("is_causal", False) == is_causal and kwargs.get("scale") == scale):
+                            return out.clone()
+                    raise NotImplementedError
+            """)
+    path = folder / name / f"{name}.ipynb"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(released))
+    return path
+
+
+def test_chapter_2_lookup_table_scores_only_the_honest_part(tmp_path: Path) -> None:
+    """Measured before issue 12: 8/8. The sdpa table costs the sdpa exercise (its reference was
+    called outside a graded function, the message says which and where); the honest softmax
+    keeps its points, since the call was sdpa's reference, not softmax's."""
+    report = grade_notebook(_chapter_2_lookup_table(tmp_path), timeout=120)
+    got = items(report)
+    assert (report.score, report.max_score) == (3, 8), [(i.id, i.points, i.feedback) for i in report.items]
+    assert got["test_softmax"].passed
+    feedback = got["test_scaled_dot_product_attention"].feedback
+    assert "called attnlib.scaled_dot_product_attention outside a graded function (cell 8)" in feedback
+    assert "which this exercise forbids" in feedback
+
+
+def test_explore_cells_are_not_run() -> None:
+    """The explore cells (ids ending in -explore in the source notebook: they call attnlib on
+    purpose) are left out of the run, found by id, or by their code where ids were lost."""
+    name = "02_queries_keys_values"
+    source = json.loads((ROOT / "solutions" / name / f"{name}.ipynb").read_text())
+    released = json.loads((ROOT / "notebooks" / name / f"{name}.ipynb").read_text())
+    explore = {n for n, c in enumerate(source["cells"]) if str(c.get("id", "")).endswith("-explore")}
+    assert len(explore) == 2
+    assert runner._explore_cells(released, source) == explore
+    assert runner._explore_cells(released, None) == explore  # no source: the submission's own ids
+    for cell in released["cells"]:
+        cell.pop("id", None)  # nbformat 4.0: no ids, the cells are found by their code
+    assert runner._explore_cells(released, source) == explore
+    cells = runner._learner_cells(released, set(), explore)
+    assert not {c["index"] for c in cells} & explore and cells
+    assert runner._explore_cells(CORRECT, SRC) == set()  # the fixtures have none
+
+
+def test_run_guard_in_process() -> None:
+    """The guard's tables and rules, without a child: what is forbidden to whom, attnlib's
+    input checks and the exercises' public helpers allowed, a copy of the reference's bytecode
+    recognised, attnlib's files (and their __pycache__) known as its source."""
+    import importlib.util
+
+    import attnlib
+    from attnlib.grading import EXERCISES, child
+
+    exercises = [("softmax", "softmax"), ("causal_mask", "causal_mask"),
+                 ("scaled_dot_product_attention", "scaled_dot_product_attention")]
+    watchers = {k: child.CallWatcher(EXERCISES[e].forbidden, child._SENTINELS) for k, (e, _) in enumerate(exercises)}
+    with tempfile.TemporaryDirectory() as grader:
+        guard = child.RunGuard(watchers, grader, exercises)
+    assert {k for k, _ in guard.codes[attnlib.softmax.__code__]} == {0, 1, 2}
+    assert not any(f.endswith("_validate.py") for f in guard.files)  # the stubs' input checks
+    source = os.path.realpath(attnlib.attention.__file__)
+    assert {k for k, _ in guard.sources[source]} == {0, 1, 2}
+    pyc = os.path.realpath(importlib.util.cache_from_source(attnlib.attention.__file__))
+    assert pyc in guard.sources
+    assert attnlib.softmax.__code__.co_code in guard.co_codes
+    # a table of sdpa's outputs concerns sdpa, not softmax (attnlib as a whole) nor causal_mask
+    sdpa = attnlib.scaled_dot_product_attention.__code__
+    assert [k for k in (0, 1, 2) if not guard._elsewhere(k, sdpa)] == [2]
+    assert [k for k in (0, 1, 2) if not guard._elsewhere(k, attnlib.attention_weights.__code__)] == [0, 1, 2]
+    # the exercises' public helpers may be called, the rest of their code is the answer key
+    assert EXERCISES["softmax"].make_cases.__code__ in child._ENTRY_CODES
+    from attnlib.grading.exercises import ch02_queries_keys_values as ch02
+    assert ch02._softmax.__code__ not in child._ENTRY_CODES
+    assert ch02.__file__ in child._EXERCISE_FILES
 
 
 def test_root_without_user_namespaces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

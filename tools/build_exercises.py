@@ -389,9 +389,10 @@ it is already installed it does nothing), and the imports. Replace each
 result against the course's reference on the visible cases and names the mistake when it
 recognises one. Hidden cases, with more edge cases, are run when the notebook is graded;
 each test cell is worth its points only if every case passes. The *explore* cells are not
-graded: they put your result next to the reference. Write plain torch: while your code
-runs, the grader blocks attnlib's version and PyTorch's built-in version of what you are
-asked to write."""
+graded (the grader does not run them): they put your result next to the reference. Write
+plain torch: when the notebook is graded, calling attnlib's version or PyTorch's built-in
+version of what an exercise asks you to write, anywhere outside the test and explore cells
+(even in a cell of your own, even through `check`), fails that exercise."""
 
     imports = BASE_IMPORTS + (module.IMPORTS.strip("\n") + "\n" if module.IMPORTS.strip() else "")
     cells = [

@@ -19,6 +19,11 @@ Nothing is lost, nothing is modified in place:
 * a run that stops half-way (a crash, Ctrl-C, a reboot) is resumed by running the same
   command again: a student whose ``result.json`` matches the current submission and grader
   is not graded again (``--force`` regrades everyone);
+* Ctrl-C (SIGINT), SIGTERM or SIGHUP stop the run promptly: no further student is started,
+  the students being graded are abandoned (their sandboxed children killed, their temporary
+  folders removed, nothing written for them), the class files are written for the students
+  finished so far, and :class:`GradingInterrupted` is raised (``attnlib grade-class`` exits
+  with 128 + the signal's number: 130 for Ctrl-C, 143 for SIGTERM);
 * one student's broken notebook (not JSON, missing, renamed, crashing the interpreter)
   costs that student's items only; the others are graded as usual.
 
@@ -30,12 +35,14 @@ unchanged. The assignment must be in the gradebook already (``nbgrader generate_
 <assignment>`` without ``--no-db`` records it).
 
 At the end a table of scores and a count of failures by kind are printed, and
-``<out>/<assignment>.csv`` / ``<out>/<assignment>.json`` hold the class's results.
+``<out>/<assignment>.csv`` / ``<out>/<assignment>.json`` hold the class's results (after an
+interruption: the students finished so far; the others are listed as not graded).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import csv
 import datetime as _dt
 import hashlib
@@ -43,16 +50,18 @@ import io
 import json
 import os
 import re
+import signal
 import sys
 import threading
 import time
 import traceback
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["ClassGradingError", "StudentResult", "grade_class", "failure_kind", "main"]
+__all__ = ["ClassGradingError", "GradingInterrupted", "StudentResult", "grade_class", "failure_kind", "main"]
 
 #: Where results go, relative to the course root (beside nbgrader's autograded/ and feedback/).
 DEFAULT_OUT = "graded"
@@ -62,6 +71,35 @@ RESULT_FORMAT = 1
 
 class ClassGradingError(Exception):
     """The class cannot be graded at all (no such assignment, no submissions, no gradebook)."""
+
+
+class GradingInterrupted(KeyboardInterrupt):
+    """:func:`grade_class` was stopped by a signal (Ctrl-C, SIGTERM, SIGHUP).
+
+    ``results`` are the students finished (graded now or kept), in class order, ``not_graded``
+    the others; the class files were written for the finished ones. A subclass of
+    ``KeyboardInterrupt``, so code that stops on Ctrl-C stops on it too.
+    """
+
+    def __init__(self, signum: int, results: list[StudentResult], not_graded: list[str]):
+        self.signum, self.results, self.not_graded = signum, results, not_graded
+        super().__init__(f"stopped by {_signal_name(signum)}: {_n_students(len(results))} finished, "
+                         f"{len(not_graded)} not graded")
+
+
+def _n_students(n: int) -> str:
+    return f"{n} student{'' if n == 1 else 's'}"
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+class _Interrupted(Exception):
+    """A student's grading abandoned because the run is stopping (nothing written for them)."""
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -122,6 +160,7 @@ _KINDS: list[tuple[str, re.Pattern]] = [(k, re.compile(p, re.I)) for k, p in [
     ("not implemented", r"not implemented yet|NotImplementedError"),
     ("not defined", r"no object named"),
     ("named mistake", r"looks like|this is the mistake|known mistake|mistake:"),
+    ("changed its input", r"changed its input"),
     ("wrong type", r"expected a (single |Python )?(torch\.Tensor|tuple|float|int)|return a (plain )?torch\.Tensor|subclass of torch\.Tensor"),
     ("wrong shape", r"shape"),
     ("wrong dtype", r"dtype"),
@@ -191,7 +230,15 @@ def _match_notebooks(expected: list[str], submitted: list[str]) -> tuple[dict[st
 
 
 def _grade_student(student: str, assignment: str, root: Path, source_dir: Path, out_dir: Path,
-                   grade_kwargs: dict, grade_fn: Callable) -> StudentResult:
+                   grade_kwargs: dict, grade_fn: Callable, stop: threading.Event | None = None) -> StudentResult:
+    """Grade one student and write their files; raise :class:`_Interrupted` (writing nothing)
+    when ``stop`` is set before or while they are graded: a grading that overlapped the stop
+    may have had its child killed, so its result is not trusted."""
+    def check_stop() -> None:
+        if stop is not None and stop.is_set():
+            raise _Interrupted(student)
+
+    check_stop()
     t0 = time.perf_counter()
     folder = root / "submitted" / student / assignment
     src_folder = source_dir / assignment
@@ -244,6 +291,7 @@ def _grade_student(student: str, assignment: str, root: Path, source_dir: Path, 
                 entry.update(status="error", message=message, score=0,
                              items=[dict(i, feedback=message) for i in items], notes=[])
                 log.write(f"\n== {name}: not graded ({message})\n{traceback.format_exc()}\n")
+            check_stop()
         res.notebooks.append(entry)
         res.score += float(entry["score"])
         res.max_score += float(entry["max_score"])
@@ -254,6 +302,7 @@ def _grade_student(student: str, assignment: str, root: Path, source_dir: Path, 
                   submission_sha256=_sha256_files(files, folder),
                   grader=_grader_fingerprint(src_folder))
     dest = out_dir / student / assignment
+    check_stop()
     _atomic_write(dest / "grade.log", log.getvalue())
     _atomic_write(dest / "result.json", json.dumps(result, indent=2))  # last: marks it done
     return res
@@ -323,7 +372,9 @@ def _write_gradebook(root: Path, result: StudentResult) -> None:
     from nbgrader.api import Gradebook
 
     folder = root / "submitted" / result.student / result.assignment
-    with Gradebook(_db_url(root)) as gb:
+    with Gradebook(_db_url(root)) as gb, warnings.catch_warnings():
+        # nbgrader's add_submission under SQLAlchemy 2: harmless, see nbgrader_config.py
+        warnings.filterwarnings("ignore", message=r"Object of type <Submitted\w+> not in session")
         gb.update_or_create_student(result.student)
         stamp = _timestamp(folder)
         if stamp is not None:
@@ -408,6 +459,12 @@ class _Progress:
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.t0 = time.perf_counter()
 
+    def interrupted(self) -> None:
+        if self.enabled:
+            self.stream.write(f"{chr(10) if self.tty and self.done < self.total else ''}stopping: the students "
+                              "being graded are abandoned, the finished ones are kept\n")
+            self.stream.flush()
+
     def update(self, result: StudentResult) -> None:
         self.done += 1
         if not self.enabled:
@@ -478,9 +535,20 @@ def grade_class(assignment: str, root: str | os.PathLike = ".", source: str = "s
         if "hide" in inspect.signature(grade_notebook).parameters:
             kwargs.setdefault("hide", [p for p in hide if p.exists()])
 
+    stop = _Stop()
+    with stop.installed():
+        return _grade_all(assignment, root, source_dir, out_dir, all_students, jobs, gradebook, force,
+                          progress, grade_fn, kwargs, stop)
+
+
+def _grade_all(assignment: str, root: Path, source_dir: Path, out_dir: Path, all_students: list[str],
+               jobs: int | None, gradebook: bool, force: bool, progress: bool, grade_fn: Callable,
+               kwargs: dict, stop: _Stop) -> list[StudentResult]:
     results: dict[str, StudentResult] = {}
     todo = []
     for s in all_students:
+        if stop.is_set():
+            break
         kept = None if force else _finished(s, assignment, root, source_dir, out_dir)
         if kept is not None:
             results[s] = kept
@@ -492,43 +560,157 @@ def grade_class(assignment: str, root: str | os.PathLike = ".", source: str = "s
             bar.update(results[s])
             if gradebook:
                 _write_gradebook(root, results[s])
+
+    def finished(fut: concurrent.futures.Future, s: str) -> None:
+        try:
+            r = fut.result()
+        except (_Interrupted, concurrent.futures.CancelledError):
+            return
+        except Exception as exc:  # writing the result failed (disk full?): say so, go on
+            r = StudentResult(s, assignment, notes=[f"grading failed: {type(exc).__name__}: {exc}"])
+        results[s] = r
+        if gradebook:  # one thread writes the gradebook (SQLite)
+            _write_gradebook(root, r)
+            _write_autograded(root, r, source_dir)
+        bar.update(r)
+
     jobs = max(1, jobs or os.cpu_count() or 1)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {pool.submit(_grade_student, s, assignment, root, source_dir, out_dir, kwargs, grade_fn): s
-                   for s in todo}
-        for fut in concurrent.futures.as_completed(futures):
-            s = futures[fut]
-            try:
-                r = fut.result()
-            except Exception as exc:  # writing the result failed (disk full?): say so, go on
-                r = StudentResult(s, assignment, notes=[f"grading failed: {type(exc).__name__}: {exc}"])
-            results[s] = r
-            if gradebook:  # one thread writes the gradebook (SQLite)
-                _write_gradebook(root, r)
-                _write_autograded(root, r, source_dir)
-            bar.update(r)
-    ordered = [results[s] for s in all_students]
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=jobs)
+    try:
+        futures = {} if stop.is_set() else {
+            pool.submit(_grade_student, s, assignment, root, source_dir, out_dir, kwargs, grade_fn, stop.event): s
+            for s in todo}
+        pending = set(futures)
+        while pending and not stop.is_set():
+            done, pending = concurrent.futures.wait(pending, timeout=0.2,
+                                                    return_when=concurrent.futures.FIRST_COMPLETED)
+            for fut in done:
+                finished(fut, futures[fut])
+        if stop.is_set():
+            bar.interrupted()
+            for fut in pending:
+                fut.cancel()
+            running = {f for f in pending if not f.cancelled()}
+            while running:  # the students in flight: kill their children until their threads return
+                _kill_sandboxes()
+                done, running = concurrent.futures.wait(running, timeout=0.1)
+                for fut in done:
+                    finished(fut, futures[fut])
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    ordered = [results[s] for s in all_students if s in results]
+    not_graded = [s for s in all_students if s not in results]
+    if stop.signum is not None and not_graded:
+        _write_summary(out_dir, assignment, ordered, not_graded=not_graded, stopped_by=stop.signum)
+        raise GradingInterrupted(stop.signum, ordered, not_graded)
     _write_summary(out_dir, assignment, ordered)
     return ordered
 
 
-def _write_summary(out_dir: Path, assignment: str, results: list[StudentResult]) -> None:
+class _Stop:
+    """Ctrl-C, SIGTERM and SIGHUP set :attr:`event` (and remember the first signal) instead of
+    interrupting the main thread where it happens to be; the grading loop watches it. A
+    signal the process ignores (e.g. SIGHUP under ``nohup``) stays ignored."""
+
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.signum: int | None = None
+
+    def is_set(self) -> bool:
+        return self.event.is_set()
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self.signum is None:
+            self.signum = signum
+        self.event.set()
+
+    @contextlib.contextmanager
+    def installed(self):
+        saved = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                try:
+                    if signal.getsignal(sig) == signal.SIG_IGN:
+                        continue
+                    saved[sig] = signal.signal(sig, self)
+                except (OSError, ValueError):
+                    pass
+        try:
+            yield self
+        finally:
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
+
+
+def _kill_sandboxes() -> None:
+    """SIGKILL the process group of every grading child this process started: the sandbox
+    script, or the child it became (without namespaces it execs ``attnlib.grading.child``).
+    The grading threads see their child end, give up and remove their temporary folders.
+    Linux: the children are found in /proc; elsewhere nothing is killed and the students in
+    flight end within their time limit."""
+    from .supervisor import SANDBOX_SCRIPT
+
+    me, marks = os.getpid(), {os.fsencode(str(SANDBOX_SCRIPT)), b"attnlib.grading.child"}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return
+    for name in entries:
+        if not name.isdigit():
+            continue
+        pid = int(name)
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+            if ppid != me:
+                continue
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if not marks & set(f.read().split(b"\0")):
+                    continue
+        except (OSError, ValueError, IndexError):
+            continue
+        for kill in (os.killpg, os.kill):  # the child's group (it leads a session), then the child
+            try:
+                kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def _write_summary(out_dir: Path, assignment: str, results: list[StudentResult],
+                   not_graded: list[str] = (), stopped_by: int | None = None) -> None:
+    """``<assignment>.csv`` (a row per student; those not graded yet have no score) and
+    ``<assignment>.json`` (``not_graded`` and ``stopped_by`` say whether the run finished)."""
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["student", "score", "max_score", "problems"])
     for r in results:
         w.writerow([r.student, _num(r.score), _num(r.max_score), "; ".join(_problems(r))])
+    why = f"not graded: the run was stopped by {_signal_name(stopped_by)}" if stopped_by else "not graded"
+    for s in not_graded:
+        w.writerow([s, "", "", f"{why}; run the command again to grade it"])
     _atomic_write(out_dir / f"{assignment}.csv", buf.getvalue())
     _atomic_write(out_dir / f"{assignment}.json", json.dumps(
         {"assignment": assignment, "students": [r.as_dict() for r in results],
-         "failures_by_kind": dict(failures_by_kind(results))}, indent=2))
+         "failures_by_kind": dict(failures_by_kind(results)), "not_graded": list(not_graded),
+         "stopped_by": _signal_name(stopped_by) if stopped_by else None}, indent=2))
 
 
 def _problems(r: StudentResult) -> list[str]:
+    """What went wrong for a student: the notes on their submission, each notebook not graded
+    (missing, unreadable) and, for graded ones, the failed items with their kind of failure."""
     out = list(r.notes)
+    several = len(r.notebooks) > 1
     for nb in r.notebooks:
         if nb.get("status") != "graded":
             out.append(nb.get("message", nb.get("status", "")))
+            continue
+        failed = [f"{i.get('id')} ({failure_kind(i.get('feedback', ''))})"
+                  for i in nb.get("items", []) if not i.get("passed")]
+        if failed:
+            where = f" in {nb.get('name')}" if several else ""
+            out.append(f"failed{where}: {', '.join(failed)}")
     return out
 
 
@@ -564,14 +746,22 @@ def format_summary(results: list[StudentResult]) -> str:
 
 def main(assignment: str, root: str = ".", **options: Any) -> int:
     """The ``attnlib grade-class`` command: 0 when the class was graded (whatever the scores),
-    2 when it could not be."""
+    2 when it could not be, 128 + the signal's number when a signal stopped it."""
+    out = Path(root).resolve() / options.get("out", DEFAULT_OUT)
     try:
         results = grade_class(assignment, root=root, **options)
     except ClassGradingError as exc:
         print(f"attnlib grade-class: cannot grade: {exc}", file=sys.stderr)
         return 2
+    except GradingInterrupted as exc:
+        if exc.results:
+            print(format_summary(exc.results))
+        print(f"attnlib grade-class: stopped by {_signal_name(exc.signum)}: {_n_students(len(exc.results))} "
+              f"finished and kept, {len(exc.not_graded)} not graded ({', '.join(exc.not_graded[:5])}"
+              f"{', ...' if len(exc.not_graded) > 5 else ''}). Class table so far: {out}/{assignment}.csv. "
+              "Run the same command again to grade the others.", file=sys.stderr)
+        return 128 + exc.signum
     print(format_summary(results))
-    out = Path(root).resolve() / options.get("out", DEFAULT_OUT)
     print(f"results: {out}/<student>/{assignment}/result.json and grade.log; class table: {out}/{assignment}.csv")
     if options.get("gradebook"):
         print("gradebook updated: `nbgrader generate_feedback` and `nbgrader export` work as usual")

@@ -6,11 +6,13 @@ Three steps, kept apart so that a hardened grader can run the middle one in a ch
    holding only plain values (tensors, numbers, strings, ``None`` and containers of these), so
    they survive ``torch.save``/``torch.load(weights_only=True)``;
 2. **calling** (:func:`call`, child): build the learner's module if needed, call the function
-   or method on cloned inputs, return the raw output;
+   or method on cloned inputs, check that the call left those inputs as they were
+   (:class:`InputModifiedError` otherwise), return the raw output;
 3. **judging** (:func:`judge`, parent): compare the output with the reference's, in this order:
    type, shape, dtype, finiteness, values. On a failure, every catalogued :class:`Mistake` is
    evaluated on the same case; if the output matches one, the message names it and points to
-   the section of the book that explains it.
+   the section of the book that explains it, an absolute address on the course site
+   (:func:`section_url`).
 
 :func:`grade_function` runs steps 1-3 in-process and :func:`check` turns the result into an
 ``AssertionError`` for nbgrader test cells.
@@ -20,14 +22,19 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import math
 import textwrap
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from torch import Tensor, nn
+
+from . import secret
 
 __all__ = [
     "Case",
@@ -35,17 +42,96 @@ __all__ = [
     "EXERCISES",
     "Exercise",
     "ForbiddenCallError",
+    "InputModifiedError",
     "Mistake",
+    "SITE_URL",
     "call",
     "check",
+    "draw_cases",
     "grade_function",
     "judge",
     "mistake_as_student",
     "register",
+    "section_url",
 ]
 
 #: The floor added to twice the reference's own error in the low-precision rule.
 LOW_PRECISION_FLOOR = 1e-6
+
+
+# --------------------------------------------------------------------------- the course site
+
+#: The course site when ``_config.yml`` cannot be read: attnlib installed from a wheel, or the
+#: grader's sandboxed child, which sees the attnlib package but not the course folder. The
+#: one place this address is typed; ``tests/test_grading_core.py`` checks that it is what
+#: ``_config.yml`` gives, so that the child's messages and the parent's agree.
+DEFAULT_SITE_URL = "https://attention-from-first-principles.github.io/course/"
+#: Where the chapters' pages sit on the site (``_toc.yml`` lists them as ``book/NN_topic``).
+BOOK_DIR = "book/"
+
+
+def _config_value(text: str, block: str, key: str) -> str | None:
+    """``block.key`` of a YAML file's text, for the simple ``block:`` / indented ``key: value``
+    layout of ``_config.yml`` (standard library only: PyYAML is not a dependency of attnlib)."""
+    current = None
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if not line[0].isspace():
+            current = line.split(":", 1)[0].strip()
+            continue
+        if current != block:
+            continue
+        name, sep, value = line.strip().partition(":")
+        if sep and name == key:
+            value = value.split(" #", 1)[0].strip().strip("\"'")
+            return value or None
+    return None
+
+
+def _pages_url(repository: str | None) -> str | None:
+    """The GitHub Pages address of ``https://github.com/<owner>/<name>``, else ``None``."""
+    parsed = urlparse((repository or "").strip())
+    parts = [p for p in parsed.path.split("/") if p]
+    if parsed.scheme != "https" or parsed.netloc != "github.com" or len(parts) != 2:
+        return None
+    owner, name = parts[0].lower(), parts[1].removesuffix(".git")
+    host = f"https://{owner}.github.io/"
+    return host if name.lower() == f"{owner}.github.io" else f"{host}{name}/"
+
+
+def site_url(config: Path | None = None) -> str:
+    """The course site's address, ending with ``/``: ``html.baseurl`` of ``_config.yml`` if it
+    is set, else the GitHub Pages site of ``repository.url``; :data:`DEFAULT_SITE_URL` when
+    the file is absent or unreadable (``config``: the file; default the course's own, next to
+    the ``attnlib`` package in a checkout)."""
+    if config is None:
+        root = Path(__file__).resolve().parents[2]
+        if not (root / "book").is_dir():  # attnlib installed, not a checkout of the course
+            return DEFAULT_SITE_URL
+        config = root / "_config.yml"
+    try:
+        text = config.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return DEFAULT_SITE_URL
+    base = _config_value(text, "html", "baseurl")
+    if base and urlparse(base).scheme in ("http", "https"):
+        return base.rstrip("/") + "/"
+    return _pages_url(_config_value(text, "repository", "url")) or DEFAULT_SITE_URL
+
+
+#: The course site, read once when attnlib.grading is imported (before any learner code).
+SITE_URL = site_url()
+
+
+def section_url(section: str) -> str:
+    """The absolute address of a section of the book, ``"03_scaling.html#the-code"`` ->
+    ``SITE_URL + "book/03_scaling.html#the-code"``; an address that is already absolute is
+    returned as it is. :attr:`Exercise.section` and :attr:`Mistake.section` stay relative
+    (the tests check them against the book's headings); messages use this."""
+    if not section or "://" in section:
+        return section
+    return f"{SITE_URL}{BOOK_DIR}{section.lstrip('/')}"
 
 
 @dataclass(frozen=True)
@@ -87,12 +173,16 @@ class Mistake:
             reference. For ``kind="module"``: either a class (built and called like the
             learner's) or a callable ``fn(module, *args, **kwargs)`` that receives a module
             built from the reference with the case's weights, in place of the method.
+        changes_input: the mistake is recognised by what the call does to its inputs, not
+            by its output: ``fn`` modifies an input in place (``x -= m``). :func:`call`
+            names the exercise's first such mistake when a call changes an input.
     """
 
     name: str
     explanation: str
     section: str
     fn: Callable
+    changes_input: bool = False
 
 
 def _no_cases(hidden: bool) -> list[Case]:
@@ -152,6 +242,12 @@ class CaseResult:
 
 class ForbiddenCallError(RuntimeError):
     """Raised when the learner's code calls a function the exercise asks them to write."""
+
+
+class InputModifiedError(Exception):
+    """Raised by :func:`call` when the call changed one of its input tensors (in place); the
+    message is the case's whole feedback: it names the argument and, if the exercise
+    catalogues a mistake with ``changes_input``, that mistake."""
 
 
 EXERCISES: dict[str, Exercise] = {}
@@ -245,25 +341,145 @@ def call(exercise: Exercise, student: Callable, case: Case) -> Any:
 
     For ``kind="module"``: ``obj = student(*case.init_args)``, the case's ``state_dict`` is
     loaded (strictly), then ``getattr(obj, case.method)(*args, **kwargs)`` is returned. For a
-    function, ``exercise.build_args`` (if any) prepares the arguments. Inputs are cloned
-    first, so a learner that modifies them in place changes nothing else. Exceptions
-    propagate (:func:`grade_function` turns them into messages).
+    function, ``exercise.build_args`` (if any) prepares the arguments. The call receives
+    clones of the case's inputs, which are then compared with the case's own: a call that
+    changed one (its values, NaN-aware and exactly, its dtype or its shape; a learner's
+    ``x -= m``) raises :class:`InputModifiedError`, naming the argument. Only the tensors
+    of ``args``/``kwargs`` are inputs: the module's weights (``state_dict``) and its state
+    may change. Exceptions propagate (:func:`grade_function` turns them into messages).
     """
     args, kwargs = _clone(case.args), _clone(case.kwargs)
     if exercise.kind == "module":
         obj = _build(student, case)
-        return getattr(obj, case.method)(*args, **kwargs)
-    if exercise.build_args is not None:
-        args, kwargs = exercise.build_args(args, kwargs)
-    return student(*args, **kwargs)
+        out = getattr(obj, case.method)(*args, **kwargs)
+    else:
+        # build_args keeps the tensors it is given (the model it builds copies its weights)
+        built_args, built_kwargs = (args, kwargs) if exercise.build_args is None \
+            else exercise.build_args(args, kwargs)
+        out = student(*built_args, **built_kwargs)
+    _check_inputs_unchanged(exercise, case, args, kwargs)
+    return out
 
 
 def _run_mistake(exercise: Exercise, mistake: Mistake, case: Case) -> Any:
     """The output of a catalogued mistake on ``case`` (see :class:`Mistake` for ``fn``)."""
     if exercise.kind == "module" and not isinstance(mistake.fn, type):
         obj = _build(exercise.reference, case)
-        return mistake.fn(obj, *_clone(case.args), **_clone(case.kwargs))
+        args, kwargs = _clone(case.args), _clone(case.kwargs)
+        out = mistake.fn(obj, *args, **kwargs)
+        _check_inputs_unchanged(exercise, case, args, kwargs)
+        return out
     return call(exercise, mistake.fn, case)
+
+
+# --------------------------------------------------------------------------- changed inputs
+
+
+def _tensor_change(before: Tensor, after: Any) -> str | None:
+    """How the tensor a call received differs from the case's, or ``None``: exact values,
+    NaN equal to NaN."""
+    if not isinstance(after, Tensor):
+        return f"it was replaced by {_describe_type(after)}"
+    if after.dtype != before.dtype:
+        return f"it went from {before.dtype} to {after.dtype}"
+    if after.shape != before.shape:
+        return f"it went from size {tuple(before.shape)} to {tuple(after.shape)}"
+    a, b = after.detach(), before.detach()
+    if a.device != b.device:
+        return f"it moved from {b.device} to {a.device}"
+    same = a == b
+    if a.is_floating_point() or a.is_complex():
+        same = same | (torch.isnan(a) & torch.isnan(b))
+    if bool(same.all()):
+        return None
+    return f"{int((~same).sum())} of {b.numel()} entries changed"
+
+
+def _first_change(before: Any, after: Any, path: str) -> tuple[str, str] | None:
+    """``(path, how)`` of the first tensor inside ``before`` (a case's argument) that the call
+    changed through ``after`` (the clone it received), or ``None``."""
+    if isinstance(before, Tensor):
+        how = _tensor_change(before, after)
+        return None if how is None else (path, how)
+    if isinstance(before, (tuple, list)):
+        if type(after) is not type(before) or len(after) != len(before):
+            return path, f"it now holds {_describe_type(after)} instead of {len(before)} elements"
+        for i, (b, a) in enumerate(zip(before, after)):
+            found = _first_change(b, a, f"{path}[{i}]")
+            if found:
+                return found
+        return None
+    if isinstance(before, dict):
+        if not isinstance(after, dict) or after.keys() != before.keys():
+            return path, "its keys changed"
+        for k, b in before.items():
+            found = _first_change(b, after[k], f"{path}[{k!r}]")
+            if found:
+                return found
+    return None
+
+
+def _parameter_names(exercise: Exercise, case: Case) -> list[inspect.Parameter]:
+    """The reference's parameters for the case's call (``self`` left out), or ``[]``."""
+    target: Any = exercise.reference
+    skip_self = False
+    if exercise.kind == "module":
+        target = getattr(exercise.reference, case.method, None)
+        static = inspect.getattr_static(exercise.reference, case.method, None)
+        skip_self = not isinstance(static, (staticmethod, classmethod))
+    try:
+        params = list(inspect.signature(target).parameters.values())
+    except (TypeError, ValueError):
+        return []
+    return params[1:] if skip_self and params else params
+
+
+def _positional_name(params: list[inspect.Parameter], i: int) -> str:
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if i < len(positional):
+        return positional[i].name
+    star = next((p for p in params if p.kind == p.VAR_POSITIONAL), None)
+    return f"{star.name}[{i - len(positional)}]" if star is not None else f"argument {i + 1}"
+
+
+def _check_inputs_unchanged(exercise: Exercise, case: Case, args: tuple, kwargs: dict) -> None:
+    """Raise :class:`InputModifiedError` if the call changed a tensor of ``args``/``kwargs``
+    (the clones it received) from the case's own."""
+    found = None
+    for i, (before, after) in enumerate(zip(case.args, args)):
+        found = _first_change(before, after, f"#{i}")
+        if found:
+            break
+    if not found:
+        for key, before in case.kwargs.items():
+            found = _first_change(before, kwargs.get(key), key)
+            if found:
+                break
+    if not found:
+        return
+    path, how = found
+    if path.startswith("#"):  # a positional argument: its parameter's name
+        index, _, rest = path[1:].partition("[")
+        path = _positional_name(_parameter_names(exercise, case), int(index)) + (f"[{rest}" if rest else "")
+    raise InputModifiedError(_input_message(exercise, path, how))
+
+
+def _input_message(exercise: Exercise, path: str, how: str) -> str:
+    """The feedback on a call that changed its input ``path``: the exercise's catalogued
+    ``changes_input`` mistake if it has one, else the plain description."""
+    top = path.split("[", 1)[0]
+    top = top if top.isidentifier() else "x"
+    if how.endswith("entries changed"):
+        what = (f"changed its input `{path}` in place ({how}, as `{top} -= m` does): the caller's "
+                f"tensor is modified; compute on a copy instead, e.g. `{top} = {top} - m`")
+    else:
+        what = (f"changed its input `{path}` in place ({how}): the caller's tensor is modified; "
+                f"leave the inputs as they are and compute new tensors")
+    mistake = next((m for m in exercise.mistakes if m.changes_input), None)
+    if mistake is not None:
+        return (f"Looks like {mistake.name}: {_sentence(mistake.explanation)} See "
+                f"{section_url(mistake.section)}.\n({what})")
+    return f"{_sentence(what)} See {_section_of(exercise)}."
 
 
 def mistake_as_student(exercise: Exercise, mistake: Mistake) -> Callable:
@@ -484,7 +700,8 @@ def _sentence(text: str) -> str:
 
 
 def _section_of(exercise: Exercise) -> str:
-    return exercise.section or "the chapter of this exercise"
+    """The exercise's section as an address on the course site, for "See ..."."""
+    return section_url(exercise.section) if exercise.section else "the chapter of this exercise"
 
 
 def judge(exercise: Exercise, case: Case, output: Any) -> CaseResult:
@@ -509,12 +726,15 @@ def judge(exercise: Exercise, case: Case, output: Any) -> CaseResult:
 def _explain(exercise: Exercise, case: Case, output: Any, ref: Any, exact: Any, failure: _Failure) -> str:
     """The failure message: a recognised mistake first, else the raw comparison."""
     for mistake in exercise.mistakes:
+        if mistake.changes_input:  # recognised by the call itself (:func:`call`), not by an output
+            continue
         try:
             candidate = _detach(_run_mistake(exercise, mistake, case))
         except Exception:  # a mistake that cannot run on this case does not match it
             continue
         if _matches(output, candidate, ref, exact, case, exercise):
-            return (f"Looks like {mistake.name}: {_sentence(mistake.explanation)} See {mistake.section}.\n"
+            return (f"Looks like {mistake.name}: {_sentence(mistake.explanation)} See "
+                    f"{section_url(mistake.section)}.\n"
                     f"({failure.message})")
     return f"{_sentence(failure.message)} See {_section_of(exercise)}."
 
@@ -586,20 +806,34 @@ def _forbid(names: tuple[str, ...]) -> Iterator[None]:
 # --------------------------------------------------------------------------- grading
 
 
-def grade_function(exercise_id: str, student: Callable, hidden: bool = False) -> list[CaseResult]:
-    """Grade the learner's function (or class) in-process on the visible or hidden cases.
+def draw_cases(exercise: Exercise, hidden: bool, course_secret: str | None = None) -> list[Case]:
+    """The exercise's visible cases, or its hidden ones, drawn with ``course_secret`` when one
+    is given (:mod:`attnlib.grading.secret`: the same edge cases and shapes, other values).
+    The visible cases are always the public ones."""
+    with secret.drawing_with(course_secret if hidden else None):
+        return exercise.make_cases(hidden)
+
+
+def grade_function(exercise_id: str, student: Callable, hidden: bool = False,
+                   course_secret: str | None = None) -> list[CaseResult]:
+    """Grade the learner's function (or class) in-process on the visible or hidden cases
+    (these drawn with ``course_secret``, if given: see :func:`draw_cases`).
 
     An exception from the learner's code fails the case with ``"raised <Type>: <message>"``
-    (``NotImplementedError``: ``"not implemented yet"``).
+    (``NotImplementedError``: ``"not implemented yet"``; a changed input,
+    :class:`InputModifiedError`: its message alone).
     """
     exercise = _get(exercise_id)
     results = []
-    for case in exercise.make_cases(hidden):
+    for case in draw_cases(exercise, hidden, course_secret):
         try:
             with _forbid(exercise.forbidden):
                 output = call(exercise, student, case)
         except NotImplementedError:
             results.append(CaseResult(case.name, False, "not implemented yet"))
+            continue
+        except InputModifiedError as exc:  # the call changed an input: the message is the feedback
+            results.append(CaseResult(case.name, False, str(exc)))
             continue
         except Exception as exc:  # the learner's code may raise anything
             results.append(CaseResult(case.name, False, f"raised {type(exc).__name__}: {exc}"))
@@ -620,9 +854,13 @@ def grade_function(exercise_id: str, student: Callable, hidden: bool = False) ->
 def check(exercise_id: str, student: Callable, hidden: bool = False) -> None:
     """For nbgrader test cells: raise ``AssertionError`` listing the failed cases.
 
-    On success prints one line, ``"<id>: N/N cases passed"``, and returns ``None``.
+    On success prints one line, ``"<id>: N/N cases passed"``, and returns ``None``. The hidden
+    cases are drawn with the course's secret where there is one (:func:`.secret.find`: the
+    environment, or the course folder above the working directory, as under ``nbgrader
+    autograde``), publicly otherwise.
     """
-    results = grade_function(exercise_id, student, hidden=hidden)
+    results = grade_function(exercise_id, student, hidden=hidden,
+                             course_secret=secret.find() if hidden else None)  # the course's, if any
     failed = [r for r in results if not r.passed]
     if failed:
         lines = [f"{exercise_id}: {len(results) - len(failed)}/{len(results)} cases passed; failed:"]

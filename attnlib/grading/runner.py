@@ -16,7 +16,9 @@ grader's other jobs each have their module:
    submission, with a note (a released notebook has no hidden tests).
 2. **check the submission against its source** (:func:`_graded_items`, :func:`_learner_cells`):
    the learner's code is every code cell that is not a test cell (of the submission or, by its
-   grade id, of the source, or a source test cell stripped of its metadata).
+   grade id, of the source, or a source test cell stripped of its metadata) and not an explore
+   cell (:func:`_explore_cells`: the ungraded cells that call attnlib on purpose, to compare;
+   they are not the learner's answer, so they are not run).
 3. **make the cases** (:func:`_make_cases`, with :mod:`attnlib.grading.core`): every needed
    exercise's visible and hidden cases, saved with ``torch.save`` for the child.
 4. **run the child under supervision** (:func:`_run_child`, with
@@ -54,7 +56,8 @@ from typing import Callable, Iterable
 
 import torch
 
-from .core import EXERCISES, Case, Exercise, judge
+from . import secret
+from .core import EXERCISES, Case, Exercise, draw_cases, judge
 from .notebook import (
     GradingError,
     Item,
@@ -76,6 +79,9 @@ from .protocol import (
 )
 from .report import Report, format_table, print_report
 from .supervisor import Supervisor, sandbox_config
+
+#: ``grade_notebook``'s default ``course_secret``: the course's, found from the source notebook.
+FIND_SECRET = object()
 
 __all__ = ["GradingError", "Item", "Report", "grade_notebook", "find_source", "parse_items",
            "format_table", "main", "repo_root", "DEFAULT_TIMEOUT", "DEFAULT_MEMORY_LIMIT",
@@ -111,7 +117,8 @@ def grade_notebook(path: str | os.PathLike, source: str | os.PathLike | None = N
                    find: bool = True, *, memory_limit: int | None = DEFAULT_MEMORY_LIMIT,
                    hide: Iterable[str | os.PathLike] = (), isolate: bool = True,
                    output_limit: int = DEFAULT_OUTPUT_LIMIT, file_limit: int = DEFAULT_FILE_LIMIT,
-                   disk_limit: int = DEFAULT_DISK_LIMIT, max_restarts: int = DEFAULT_MAX_RESTARTS) -> Report:
+                   disk_limit: int = DEFAULT_DISK_LIMIT, max_restarts: int = DEFAULT_MAX_RESTARTS,
+                   course_secret: str | None | object = FIND_SECRET) -> Report:
     """Grade ``path``; raise :class:`GradingError` only when grading itself cannot run.
 
     ``timeout`` bounds all the child processes together (wall clock); ``step_timeout``
@@ -123,8 +130,10 @@ def grade_notebook(path: str | os.PathLike, source: str | os.PathLike | None = N
     children after a crash) bound the child; ``hide`` names more paths its code must not
     read or write (e.g. a gradebook, the other submissions), besides the course repository
     (but ``attnlib``), the submission's own folder and the source notebook;
-    ``isolate=False`` skips the namespaces (see :mod:`attnlib.grading.supervisor`). The
-    submission is never modified: the child works on a copy. Safe to call from several
+    ``isolate=False`` skips the namespaces (see :mod:`attnlib.grading.supervisor`). The hidden
+    cases are drawn with ``course_secret`` (by default the course's, found by
+    :func:`attnlib.grading.secret.find` from the source notebook's folder; ``None``: the public
+    hidden cases). The submission is never modified: the child works on a copy. Safe to call from several
     threads at once.
     """
     path = Path(path)
@@ -132,10 +141,14 @@ def grade_notebook(path: str | os.PathLike, source: str | os.PathLike | None = N
     # 1. read the notebook and its source, 2. check the submission against its source
     nb = read_notebook(path, notes)
     src_path = Path(source) if source is not None else (find_source(path) if find else None)
-    items, test_cells = _graded_items(nb, path, src_path, notes)
-    cells = _learner_cells(nb, test_cells)
+    items, test_cells, src_nb = _graded_items(nb, path, src_path, notes)
+    cells = _learner_cells(nb, test_cells, _explore_cells(nb, src_nb))
     # 3. make the cases
-    needed, cases, case_bytes = _make_cases(items)
+    if course_secret is FIND_SECRET:
+        course_secret = secret.find(src_path.parent if src_path is not None else None)
+    needed, cases, case_bytes = _make_cases(items, course_secret)
+    if course_secret is not None and any(c.hidden for item in items for c in item.calls):
+        notes.append("hidden cases drawn with the course's secret")
     # 4. run the child under supervision
     limits = {"memory": memory_limit, "output": output_limit, "file": file_limit, "disk": disk_limit,
               "cpu": int(math.ceil(timeout)) + 10}
@@ -149,13 +162,14 @@ def grade_notebook(path: str | os.PathLike, source: str | os.PathLike | None = N
 
 
 def _graded_items(nb: dict, path: Path, src_path: Path | None,
-                  notes: list[str]) -> tuple[list[Item], set[int]]:
+                  notes: list[str]) -> tuple[list[Item], set[int], dict | None]:
     """Step 1: the graded items (from the source notebook when there is one, the
-    submission's test cells compared with it) and the indices of the submission's test cells:
-    its grade cells, cells with a grade id of the source, source test cells stripped of their
-    metadata."""
+    submission's test cells compared with it), the indices of the submission's test cells
+    (its grade cells, cells with a grade id of the source, source test cells stripped of their
+    metadata) and the source notebook (``None`` without one)."""
     stripped: set[int] = set()
     source_ids: set[str] = set()
+    src_nb = None
     if src_path is not None:
         src_nb = read_notebook(src_path)
         items = parse_items(src_nb)
@@ -175,19 +189,50 @@ def _graded_items(nb: dict, path: Path, src_path: Path | None,
                      "submission itself (hidden tests are not in a released notebook; use --source)")
     test_cells = {n for n, cell in enumerate(nb["cells"]) if is_grade_cell(cell) or n in stripped
                   or str(nbgrader_metadata(cell).get("grade_id")) in source_ids}
-    return items, test_cells
+    return items, test_cells, src_nb
 
 
-def _learner_cells(nb: dict, test_cells: set[int]) -> list[dict]:
-    """Step 2: the learner's code: every code cell that is not a test cell."""
+#: The id suffix of the course's explore cells (``tools/exercises``: ``<exercise>-explore``).
+EXPLORE_SUFFIX = "-explore"
+
+
+def _explore_cells(nb: dict, src_nb: dict | None) -> set[int]:
+    """Step 2: the submission's explore cells, left out of the run: the ungraded code cells
+    whose id ends in ``-explore`` in the source notebook (without one, in the submission), found
+    in the submission by that id or, where ids were lost (nbformat 4.0), by their code. They
+    call attnlib on purpose (yours beside the reference's); since the whole run is watched
+    (no call of the reference anywhere, see :class:`attnlib.grading.child.RunGuard`), running
+    them would fail the exercises. Leaving a cell out can only cost its author: what the
+    grader judges comes from the other cells."""
+    marked = nb if src_nb is None else src_nb
+    ids, texts = set(), set()
+    for cell in marked.get("cells", []):
+        cid = cell.get("id")
+        if cell.get("cell_type") == "code" and isinstance(cid, str) and cid.endswith(EXPLORE_SUFFIX) \
+                and not is_grade_cell(cell):
+            ids.add(cid)
+            text = cell_source(cell).strip()
+            if text:
+                texts.add(text)
+    if not ids:
+        return set()
+    return {n for n, cell in enumerate(nb["cells"]) if cell.get("cell_type") == "code"
+            and (cell.get("id") in ids or cell_source(cell).strip() in texts)}
+
+
+def _learner_cells(nb: dict, test_cells: set[int], explore: Iterable[int] = ()) -> list[dict]:
+    """Step 2: the learner's code: every code cell that is neither a test cell nor an
+    explore cell."""
+    explore = set(explore)
     return [{"index": n, "source": cell_source(cell)} for n, cell in enumerate(nb["cells"])
-            if cell.get("cell_type") == "code" and n not in test_cells]
+            if cell.get("cell_type") == "code" and n not in test_cells and n not in explore]
 
 
-def _make_cases(items: list[Item]) -> tuple[list[Pair], Cases, dict[int, bytes]]:
-    """Step 3: the (exercise, name) pairs to check, in order, their cases, and the cases as
-    the child loads them (``torch.save`` of plain dicts); an unknown exercise id is the
-    item's problem."""
+def _make_cases(items: list[Item], course_secret: str | None = None
+                ) -> tuple[list[Pair], Cases, dict[int, bytes]]:
+    """Step 3: the (exercise, name) pairs to check, in order, their cases (the hidden ones
+    drawn with ``course_secret``, if any), and the cases as the child loads them
+    (``torch.save`` of plain dicts); an unknown exercise id is the item's problem."""
     for item in items:
         for c in item.calls:
             if c.exercise_id not in EXERCISES and not item.problem:
@@ -200,8 +245,8 @@ def _make_cases(items: list[Item]) -> tuple[list[Pair], Cases, dict[int, bytes]]
     case_bytes: dict[int, bytes] = {}
     for k, key in enumerate(needed):
         ex = EXERCISES[key[0]]
-        cases[key] = {"visible": ex.make_cases(False) if key in visible_needed else [],
-                      "hidden": ex.make_cases(True) if key in hidden_needed else []}
+        cases[key] = {"visible": draw_cases(ex, False) if key in visible_needed else [],
+                      "hidden": draw_cases(ex, True, course_secret) if key in hidden_needed else []}
         buf = io.BytesIO()
         torch.save({w: [_case_fields(c) for c in cs] for w, cs in cases[key].items()}, buf)
         case_bytes[k] = buf.getvalue()

@@ -117,7 +117,9 @@ overflow*). Subtract the maximum along `dim` before exponentiating: the result i
 and logits of $10^4$ no longer overflow. Two details the naive formula gets wrong:
 
 * a row that is entirely `-inf` (every key masked) must come out as zeros, not NaN;
-* float16/bfloat16 inputs are computed in float32 and cast back at the end.""",
+* float16/bfloat16 inputs are computed in float32 and cast back at the end;
+* `x` itself stays as it was: `x - m` makes a new tensor, `x -= m` would overwrite the
+  caller's logits (the grader checks every input after the call).""",
         hints=(
             "`x.amax(dim=dim, keepdim=True)` keeps the axis, so the subtraction broadcasts.",
             "The maximum of an all `-inf` row is `-inf`, and `-inf - (-inf)` is NaN: replace a non-finite maximum by 0 (`torch.where` with `torch.isfinite`).",
@@ -141,7 +143,8 @@ and *The code*). The conventions, all tested:
 * `is_causal=True` lets query `i` see keys `0..i`, aligned top-left even when `L != S`, and
   combines with `attn_mask` when both are given;
 * a query row whose keys are all masked gets zero weights (and a zero output), not NaN;
-* float16/bfloat16 are computed in float32; the output has the query's dtype.""",
+* float16/bfloat16 are computed in float32; the output has the query's dtype;
+* the inputs stay as they were: scale into a new tensor, not with `query *= scale`.""",
         hints=(
             "Compute the scores with `query @ key.transpose(-2, -1)`: shape `(..., L, S)`.",
             "Turn every mask into `-inf` entries of the scores (`torch.where(mask, scores, -inf)` for a boolean one), then use your `softmax` from above.",

@@ -82,18 +82,20 @@ class MultiHeadAttention(attnlib.MultiHeadAttention):
         if self.fused:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
         else:
-            scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (B, H, L, S)
+            work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype  # as in Chapter 2
+            scores = q.to(work) @ k.to(work).transpose(-2, -1) / math.sqrt(self.head_dim)  # (B, H, L, S)
             S = scores.size(-1)
             neg_inf = torch.full_like(scores, float("-inf"))
             if is_causal:
                 scores = torch.where(torch.ones(L, S, dtype=torch.bool, device=x.device).tril(), scores, neg_inf)
             if attn_mask is not None:
                 scores = torch.where(attn_mask, scores, neg_inf) if attn_mask.dtype == torch.bool \
-                    else scores + attn_mask
+                    else scores + attn_mask.to(work)
             peak = scores.amax(dim=-1, keepdim=True)
             e = torch.exp(scores - torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak)))
             total = e.sum(dim=-1, keepdim=True)
-            y = e / torch.where(total == 0, torch.ones_like(total), total) @ v  # (B, H, L, D)
+            weights = e / torch.where(total == 0, torch.ones_like(total), total)
+            y = (weights @ v.to(work)).to(q.dtype)  # (B, H, L, D)
         return self.o_proj(self.merge_heads(y))  # (B, L, d_model)
 
 
@@ -140,7 +142,9 @@ methods are yours, each graded on its own.
 
 **`forward`** projects, splits, attends in every head, merges and projects out. It handles
 self-attention (`context=None`), cross-attention (keys and values from `context`), boolean
-and float masks and `is_causal`, as in Chapters 2 and 5.""",
+and float masks and `is_causal`, as in Chapters 2 and 5. A module in float16/bfloat16
+computes the attention itself in float32 and casts the result back, as in Chapter 2: a
+score near $10^4$ has no digit left after the point in bfloat16.""",
         hints=(
             "Reshape to `(B, L, n_heads, head_dim)` first, then move the head axis: a plain reshape to `(B, n_heads, L, head_dim)` mixes heads and positions.",
             "`merge_heads` must undo exactly that: transpose back, then reshape (`.reshape`, since the transposed tensor is not contiguous).",

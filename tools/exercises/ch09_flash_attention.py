@@ -169,8 +169,10 @@ the end, `out = acc / l`, and `lse = m + log(l)`.
 
 Also required: ragged tiles (`L`, `S` need not be multiples of the block sizes), top-left
 `is_causal` (skip the key tiles entirely above the diagonal), `scale=None` meaning
-$1/\sqrt{E}$, float16/bfloat16 computed in float32 (`out` cast back, `lse` float32), and a
-row without keys giving a zero output and `lse = -inf`. Gradients may come from autograd
+$1/\sqrt{E}$, float16/bfloat16 computed in float32 (`out` cast back, `lse` float32), a
+row without keys giving a zero output and `lse = -inf`, rows whose scores are all near
+$-10^4$ or all near $+10^4$, and inputs left as they were (`query.to(dtype)` is `query`
+itself when the dtype is already right: no `*=` on it). Gradients may come from autograd
 through your loop.""",
         hints=(
             "Start every row with `m = -inf`, `l = 0`, `acc = 0`; `exp(-inf - m_new)` is 0, so the first tile needs no special case, as long as you never compute `-inf - (-inf)`.",

@@ -18,14 +18,17 @@ the helpers the later chapters' attention mistakes are built from: a correct sta
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..._validate import compute_dtype
 from ...attention import scaled_dot_product_attention, softmax
 from ...masks import padding_mask
 from ..core import Case, Exercise, Mistake, register
-from .common import F64, NO_ATTNLIB, NO_FUSED, NO_SOFTMAX, rand_bool, randn
+from .common import (F64, HUGE_SCORE, NO_ATTNLIB, NO_FUSED, NO_SOFTMAX, binade_values, grid, huge_score_qk,
+                     rand_bool, randn)
 
 PAGE = "02_queries_keys_values.html"
 
@@ -52,21 +55,42 @@ def _softmax(x: Tensor, dim: int = -1) -> Tensor:
 
 
 def _weights_variant(query: Tensor, key: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False,
-                     scale: float | None = None, *, scale_rule: str = "sqrt", softmax_dim: int = -1,
-                     polarity: str = "allow", causal: str = "top-left", after_softmax: bool = False,
-                     guard: bool = True, scale_after_softmax: bool = False) -> Tensor:
+                     scale: float | None = None, *, cast: bool = True, **variant: Any) -> Tensor:
     """Attention weights with one ingredient swapped for a wrong one (for the mistakes).
 
-    With the defaults this computes the correct weights (in the input's dtype, float64).
+    With no ``variant`` this computes the correct weights. float16/bfloat16 inputs are
+    computed in float32, as the reference does, so that a mistake differs from the right
+    computation in its one ingredient only; the weights come back in the query's dtype
+    (``cast=False``: in the dtype they were computed in, for a product with the values).
+    The variants (:func:`_weights_of`): ``scale_rule``, ``softmax_dim``, ``polarity``,
+    ``causal``, ``after_softmax``, ``guard``, ``scale_after_softmax``, ``max_shift=False``
+    (the softmax exponentiates the raw scores) and ``in_place=True`` (the scale is applied
+    to ``query`` in place, ``query *= scale``: the caller's tensor when it is float32/64).
     """
+    work = compute_dtype(query.dtype)
+    if attn_mask is not None and attn_mask.is_floating_point():
+        attn_mask = attn_mask.to(work)
+    w = _weights_of(query.to(work), key.to(work), attn_mask, is_causal, scale, **variant)
+    return w.to(query.dtype) if cast else w
+
+
+def _weights_of(query: Tensor, key: Tensor, attn_mask: Tensor | None, is_causal: bool, scale: float | None,
+                *, scale_rule: str = "sqrt", softmax_dim: int = -1, polarity: str = "allow",
+                causal: str = "top-left", after_softmax: bool = False, guard: bool = True,
+                scale_after_softmax: bool = False, max_shift: bool = True, in_place: bool = False) -> Tensor:
+    """:func:`_weights_variant` in the inputs' own dtype."""
     E = query.size(-1)
     if scale is None or scale_rule == "ignore-arg":
         s = {"sqrt": 1.0 / math.sqrt(E), "ignore-arg": 1.0 / math.sqrt(E), "none": 1.0,
              "linear": 1.0 / E, "times-sqrt": math.sqrt(E)}[scale_rule]
     else:
         s = scale
-    scores = query @ key.transpose(-2, -1)
-    if not scale_after_softmax:
+    if in_place:
+        query *= s  # the learner's tensor, scaled in place
+        scores = query @ key.transpose(-2, -1)
+    else:
+        scores = query @ key.transpose(-2, -1)
+    if not scale_after_softmax and not in_place:
         scores = scores * s
     L, S = scores.shape[-2:]
     allowed = torch.ones(L, S, dtype=torch.bool)
@@ -86,6 +110,8 @@ def _weights_variant(query: Tensor, key: Tensor, attn_mask: Tensor | None = None
     scores = scores.masked_fill(~allowed, float("-inf"))
     if additive is not None:
         scores = scores + additive
+    if not max_shift:
+        return _softmax_no_shift(scores, dim=softmax_dim)
     w = _softmax(scores, dim=softmax_dim) if guard else _naive_softmax(scores, dim=softmax_dim)
     return w * s if scale_after_softmax else w
 
@@ -95,7 +121,8 @@ def _attention_mistake(**variant: object):
     def sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
              dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
              enable_gqa: bool = False, *, generator: torch.Generator | None = None) -> Tensor:
-        return _weights_variant(query, key, attn_mask, is_causal, scale, **variant) @ value
+        w = _weights_variant(query, key, attn_mask, is_causal, scale, cast=False, **variant)
+        return (w @ value.to(w.dtype)).to(query.dtype)
     return sdpa
 
 
@@ -107,6 +134,8 @@ def _softmax_cases(hidden: bool) -> list[Case]:
         big = randn(3, 6, seed=3, std=5.0)
         big[0] += 1e4  # every logit of row 0 near 1e4: exp overflows without the shift
         big[1] -= 1e4  # row 1 near -1e4: exp underflows to 0 without the shift
+        low = randn(2, 4, 64, seed=5, std=3.0)
+        low[1] = _huge_logits(6, torch.bfloat16).double()[:, :64]  # rows near -8192, +8192, -768, +768
         masked = randn(4, 5, seed=4)
         masked[1] = float("-inf")  # a fully masked row
         masked[2, ::2] = float("-inf")  # a partly masked row
@@ -114,10 +143,10 @@ def _softmax_cases(hidden: bool) -> list[Case]:
         return [
             Case("random logits (3, 5), dim=-1", (randn(3, 5, seed=1),)),
             Case("(2, 3, 4), dim=1", (randn(2, 3, 4, seed=2),), {"dim": 1}),
-            Case("large logits (+-1e4)", (big,)),
+            Case("large logits (+-1e4), float32", (big.float(),), low_precision=True),
             Case("-inf entries and a fully masked row", (masked,)),
-            Case("bfloat16 (2, 4, 64)", (randn(2, 4, 64, seed=5, std=3.0, dtype=torch.bfloat16),),
-                 low_precision=True),
+            Case("bfloat16 (2, 4, 64), the rows of item 1 near -8192, +8192, -768 and +768",
+                 (low.to(torch.bfloat16),), low_precision=True),
         ]
     huge = randn(2, 3, 8, seed=13, std=2.0) * 1e3
     mixed = randn(3, 7, seed=14)
@@ -131,6 +160,17 @@ def _softmax_cases(hidden: bool) -> list[Case]:
         Case("float16 (3, 33)", (randn(3, 33, seed=15, std=4.0, dtype=torch.float16),), low_precision=True),
         Case("4-D (2, 2, 3, 9), dim=3", (randn(2, 2, 3, 9, seed=16),), {"dim": 3}),
     ]
+
+
+def _huge_logits(seed: int, dtype: torch.dtype) -> Tensor:
+    """Four rows of 64 logits all far from 0, exact in bfloat16: near -HUGE_SCORE (exp
+    underflows to 0 without the max subtraction), +HUGE_SCORE (exp overflows), -768 and +768
+    (past the range of exp in float64 too), a spread of a few steps of the format around
+    each (64 near 8192, 4 near 768)."""
+    spread = torch.cat([grid(2, 64, seed=seed, step=64.0, bound=256.0, std=64.0),
+                        grid(2, 64, seed=seed + 1, step=4.0, bound=32.0, std=6.0)])
+    offset = torch.tensor([-HUGE_SCORE, HUGE_SCORE, -768.0, 768.0], dtype=F64)[:, None]
+    return (offset + spread).to(dtype)  # (4, 64)
 
 
 def _softmax_no_shift(x: Tensor, dim: int = -1) -> Tensor:
@@ -161,6 +201,17 @@ def _softmax_fp32_out(x: Tensor, dim: int = -1) -> Tensor:
     return _softmax(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x, dim)
 
 
+def _softmax_in_place(x: Tensor, dim: int = -1) -> Tensor:
+    """Right values, but the shift and the exponential overwrite the caller's ``x`` (float32
+    and float64; a float16/bfloat16 ``x`` is first copied to float32)."""
+    z = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    m = z.amax(dim=dim, keepdim=True)
+    z -= torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    z.exp_()
+    total = z.sum(dim=dim, keepdim=True)
+    return (z / torch.where(total == 0, torch.ones_like(total), total)).to(x.dtype)
+
+
 register(Exercise(
     id="softmax",
     chapter=2,
@@ -185,6 +236,11 @@ register(Exercise(
                 "the computation was upcast to float32 (good) but the float32 result was "
                 "returned; return it in the input's dtype.", f"{PAGE}#a-softmax-that-cannot-overflow",
                 _softmax_fp32_out),
+        Mistake("modifies its input in place",
+                "`x -= x.amax(dim, keepdim=True)` (or `x.sub_(...)`, `x.exp_()`) overwrites the "
+                "caller's logits: whoever passed `x` finds it shifted afterwards. The shift must "
+                "make a new tensor, `z = x - m`.", f"{PAGE}#a-softmax-that-cannot-overflow",
+                _softmax_in_place, changes_input=True),
     ),
     forbidden=NO_ATTNLIB + NO_SOFTMAX + ("torch.nn.functional.log_softmax", "torch.log_softmax"),
 ))
@@ -222,6 +278,8 @@ def _attention_cases(hidden: bool, with_value: bool) -> list[Case]:
             case("is_causal, L=3 < S=6 (top-left)", *_qkv(6, (1, 2), 3, 6, 4), is_causal=True),
             case("scale=0.3", *_qkv(7, (2, 1), 4, 5, 16), scale=0.3),
             case("a fully masked query row", *_qkv(8, (1, 2), 5, 5, 4), attn_mask=dead),
+            case("float32, every score near -8192 (batch 0) or +8192 (batch 1)",
+                 *_huge_qkv(9, (2, 2), 4, 6, torch.float32), low=True),
         ]
     pad = torch.tensor([5, 2, 0])  # batch item 2 has no real key at all
     return [
@@ -238,7 +296,18 @@ def _attention_cases(hidden: bool, with_value: bool) -> list[Case]:
              attn_mask=float_mask.clone().index_fill_(0, torch.tensor([1]), float("-inf")), scale=1.0),
         case("bfloat16, is_causal", *_qkv(110, (2, 2), 16, 16, 32, dtype=torch.bfloat16), low=True,
              is_causal=True),
+        case("bfloat16, every score near -8192 (batch 0) or +8192 (batch 1), is_causal",
+             *_huge_qkv(111, (2, 2), 6, 6, torch.bfloat16), low=True, is_causal=True),
     ]
+
+
+def _huge_qkv(seed: int, lead: tuple[int, ...], L: int, S: int,
+              dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """Queries, keys (E = 16) and values whose scores all lie near -HUGE_SCORE on even batch
+    items and +HUGE_SCORE on odd ones (:func:`~.common.huge_score_qk`), exact in ``dtype``;
+    values from :func:`~.common.binade_values`."""
+    q, k = huge_score_qk(lead, L, S, 16, seed=seed, dtype=dtype)
+    return q, k, binade_values(*lead, S, 5, seed=seed + 2, dtype=dtype)
 
 
 # (name, explanation, section, _weights_variant arguments); attention_weights (chapter 3)
@@ -276,6 +345,18 @@ _ATTENTION_MISTAKES: tuple[tuple[str, str, str, dict], ...] = (
      "a query whose keys are all masked got a softmax of all -inf, which is 0/0 = NaN; such a "
      "row must get zero weights.", "05_self_cross_masks.html#what-a-fully-masked-row-does", {"guard": False}),
 )
+# Catalogued after the mistakes above (and chapter 3's own), so that those keep their names.
+_NO_MAX_SHIFT: tuple[str, str, str, dict] = (
+    "no max subtraction",
+    "the softmax exponentiated the raw scores: when every score of a row is large, exp overflows "
+    "to inf (inf / inf = NaN), and when every score is very negative it underflows to 0 "
+    "(0 / 0 = NaN). Subtract each row's maximum before exp.",
+    f"{PAGE}#a-softmax-that-cannot-overflow", {"max_shift": False})
+_IN_PLACE_SCALE: tuple[str, str, str, dict] = (
+    "modifies its input in place",
+    "`query *= scale` (or `query /= math.sqrt(E)`) scales the caller's tensor too: whoever passed "
+    "the queries finds them changed afterwards. Scale into a new tensor, `q = query * scale`, or "
+    "scale the scores.", f"{PAGE}#all-queries-at-once", {"in_place": True})
 
 
 register(Exercise(
@@ -284,6 +365,8 @@ register(Exercise(
     reference=scaled_dot_product_attention,
     section=f"{PAGE}#all-queries-at-once",
     make_cases=lambda hidden: _attention_cases(hidden, with_value=True),
-    mistakes=tuple(Mistake(n, e, s, _attention_mistake(**v)) for n, e, s, v in _ATTENTION_MISTAKES),
+    mistakes=tuple(Mistake(n, e, s, _attention_mistake(**v))
+                   for n, e, s, v in (*_ATTENTION_MISTAKES, _NO_MAX_SHIFT))
+    + (Mistake(*_IN_PLACE_SCALE[:3], _attention_mistake(**_IN_PLACE_SCALE[3]), changes_input=True),),
     forbidden=NO_ATTNLIB + NO_FUSED,
 ))

@@ -21,7 +21,8 @@ from torch import Tensor
 
 from ...attention import attention_entropy, attention_weights
 from ..core import Case, Exercise, Mistake, register
-from .ch02_queries_keys_values import _ATTENTION_MISTAKES, _attention_cases, _softmax, _weights_variant
+from .ch02_queries_keys_values import (_ATTENTION_MISTAKES, _IN_PLACE_SCALE, _NO_MAX_SHIFT, _attention_cases,
+                                      _softmax, _weights_variant)
 from .common import F64, NO_ATTNLIB, NO_FUSED, rand_bool, randn
 
 PAGE = "03_scaling.html"
@@ -57,7 +58,8 @@ register(Exercise(
     section=f"{PAGE}#the-variance-of-a-dot-product",
     make_cases=lambda hidden: _attention_cases(hidden, with_value=False),
     mistakes=tuple(Mistake(n, e, s, _weights_mistake(**v))
-                   for n, e, s, v in _ATTENTION_MISTAKES + _WEIGHTS_ONLY_MISTAKES),
+                   for n, e, s, v in (*_ATTENTION_MISTAKES, *_WEIGHTS_ONLY_MISTAKES, _NO_MAX_SHIFT))
+    + (Mistake(*_IN_PLACE_SCALE[:3], _weights_mistake(**_IN_PLACE_SCALE[3]), changes_input=True),),
     forbidden=NO_ATTNLIB + NO_FUSED,
 ))
 

@@ -27,7 +27,7 @@ from ...masks import padding_mask
 from ...multihead import MultiHeadAttention
 from ..core import Case, Exercise, Mistake, register
 from .ch02_queries_keys_values import _weights_variant
-from .common import NO_MHA, rand_bool, randn, state_dict
+from .common import F64, HUGE_SCORE, NO_MHA, grid, rand_bool, randn, state_dict
 
 PAGE = "04_multi_head.html"
 
@@ -159,6 +159,45 @@ def _mha_case(name: str, seed: int, B: int, L: int, d_model: int, H: int, *, bia
     return Case(name, (randn(B, L, d_model, seed=seed + 1),), kwargs, init_args=init_args, state_dict=sd)
 
 
+def huge_score_mha(init_args: tuple, B: int, L: int, seed: int,
+                   dtype: torch.dtype = F64) -> tuple[Tensor, dict[str, Tensor]]:
+    """An input ``x`` of shape ``(B, L, d_model)`` and weights for
+    ``MultiHeadAttention(*init_args)`` (``bias=True``; GQA too) whose self-attention scores
+    all lie near ``-HUGE_SCORE`` on even batch items and ``+HUGE_SCORE`` on odd ones, with a
+    spread of a few units: coordinate 0 of every query head is its bias,
+    ``HUGE_SCORE * sqrt(head_dim) / 16``, coordinate 0 of every KV head reads feature 0 of
+    ``x``, which is ``+-16`` (and nothing else reads it). Every input and weight is a multiple
+    of 1/4 (:func:`~.common.grid`), so that the projections and the scores are exact in
+    float32, and the projections in bfloat16 too; ``head_dim`` must be a power of 4."""
+    d_model, n_heads, n_kv_heads, bias = init_args
+    assert bias, "the queries' offset is their bias"
+    D = d_model // n_heads
+    n_kv = n_heads if n_kv_heads is None else n_kv_heads
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in MultiHeadAttention(*init_args).state_dict().items()}
+    sd = {name: grid(*shape, seed=seed * 100 + i, step=0.25, bound=2.0,
+                     std=1.0 / math.sqrt(shape[-1] if len(shape) > 1 else shape[0]))
+          for i, (name, shape) in enumerate(sorted(shapes.items()))}
+    for name in ("q_proj.weight", "k_proj.weight", "v_proj.weight"):
+        sd[name][:, 0] = 0.0  # feature 0 of x (the key offset) reaches k's coordinate 0 only
+    heads, kv_heads = torch.arange(n_heads) * D, torch.arange(n_kv) * D
+    sd["q_proj.weight"][heads] = 0.0
+    sd["q_proj.bias"][heads] = HUGE_SCORE * math.isqrt(D) / 16
+    sd["k_proj.weight"][kv_heads] = 0.0
+    sd["k_proj.weight"][kv_heads, 0] = 1.0
+    sd["k_proj.bias"][kv_heads] = 0.0
+    x = grid(B, L, d_model, seed=seed + 1, step=0.25)
+    x[:, :, 0] = 16.0 * torch.tensor([-1.0, 1.0], dtype=F64).repeat(B)[:B, None]
+    return x.to(dtype), {k: v.to(dtype) for k, v in sd.items()}
+
+
+def _huge_mha_case(name: str, seed: int, B: int, L: int, d_model: int, H: int, dtype: torch.dtype,
+                   **kwargs: object) -> Case:
+    init_args = (d_model, H, None, True)
+    x, sd = huge_score_mha(init_args, B, L, seed, dtype)
+    return Case(name, (x,), kwargs, init_args=init_args, state_dict=sd, low_precision=True)
+
+
 def _mha_cases(hidden: bool) -> list[Case]:
     if not hidden:
         return [
@@ -167,6 +206,8 @@ def _mha_cases(hidden: bool) -> list[Case]:
             _mha_case("is_causal", 3, 2, 6, 12, 3, is_causal=True),
             _mha_case("bool attn_mask", 4, 1, 5, 8, 2, attn_mask=rand_bool(5, 5, seed=44)),
             _mha_case("cross-attention, L=3, S=7", 5, 2, 3, 8, 2, S=7),
+            _huge_mha_case("float32, every score near -8192 (batch 0) or +8192 (batch 1)", 6, 2, 5, 32, 2,
+                           torch.float32),
         ]
     return [
         _mha_case("L=1", 101, 2, 1, 8, 2),
@@ -178,13 +219,16 @@ def _mha_cases(hidden: bool) -> list[Case]:
                   attn_mask=rand_bool(5, 5, seed=106)),
         _mha_case("head_dim=1 (H = d_model = 4)", 107, 2, 4, 4, 4),
         _mha_case("float attn_mask, d_model=16", 108, 2, 4, 16, 2, attn_mask=randn(4, 4, seed=109)),
+        _huge_mha_case("bfloat16 weights, every score near -8192 (batch 0) or +8192 (batch 1), is_causal", 110,
+                       2, 6, 32, 2, torch.bfloat16, is_causal=True),
     ]
 
 
 def _mha_variant(m: MultiHeadAttention, x: Tensor, context: Tensor | None = None,
                  attn_mask: Tensor | None = None, is_causal: bool = False, kv_cache: object = None, *,
                  split: str = "ok", merge: str = "ok", o_proj: bool = True, one_head: bool = False,
-                 scale: str = "head_dim", kv_source: str = "context", q_source: str = "x") -> Tensor:
+                 scale: str = "head_dim", kv_source: str = "context", q_source: str = "x",
+                 max_shift: bool = True) -> Tensor:
     """MultiHeadAttention.forward with one ingredient swapped for a wrong one."""
     source = x if context is None or kv_source == "x" else context
     q_in = x if q_source == "x" or context is None else context
@@ -199,7 +243,8 @@ def _mha_variant(m: MultiHeadAttention, x: Tensor, context: Tensor | None = None
     q, k, v = split_(m.q_proj(q_in)), split_(m.k_proj(source)), split_(m.v_proj(source))
     D = q.size(-1)
     s = {"head_dim": 1 / math.sqrt(D), "none": 1.0, "d_model": 1 / math.sqrt(m.d_model)}[scale]
-    y = _weights_variant(q, k, attn_mask, is_causal, s) @ v  # (B, H, L, D)
+    w = _weights_variant(q, k, attn_mask, is_causal, s, cast=False, max_shift=max_shift)  # (B, H, L, S)
+    y = (w @ v.to(w.dtype)).to(v.dtype)  # (B, H, L, D)
     if merge == "no-transpose":
         y = y.reshape(B, y.size(2), -1)
     else:
@@ -254,6 +299,11 @@ register(Exercise(
                 "context supplies keys and values.",
                 "05_self_cross_masks.html#self-attention-and-cross-attention-the-shapes",
                 _mha_mistake(q_source="context")),
+        Mistake("no max subtraction",
+                "the softmax exponentiated the raw scores: when every score of a row is large, exp "
+                "overflows to inf (inf / inf = NaN), and when every score is very negative it "
+                "underflows to 0 (0 / 0 = NaN). Subtract each row's maximum before exp.",
+                "02_queries_keys_values.html#a-softmax-that-cannot-overflow", _mha_mistake(max_shift=False)),
     ),
     forbidden=NO_MHA,
 ))

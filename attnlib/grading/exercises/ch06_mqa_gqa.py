@@ -38,7 +38,9 @@ from torch import Tensor
 from ...gqa import repeat_kv
 from ...kv_cache import KVCache, kv_cache_bytes
 from ...multihead import MultiHeadAttention
+from ..._validate import compute_dtype
 from ..core import Case, Exercise, Mistake, judge, register
+from .ch04_multi_head import huge_score_mha
 from .common import F64, NO_ATTNLIB, rand_bool, randn
 
 PAGE = "06_mqa_gqa.html"
@@ -341,19 +343,28 @@ register(Exercise(
 # ----------------------------------------------------------------------------- GQA forward
 
 
-def _gqa_attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, attn_mask: Tensor | None) -> Tensor:
+def _gqa_attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, attn_mask: Tensor | None,
+                max_shift: bool = True) -> Tensor:
     """softmax(q k^T / sqrt(head_dim) + masks) v with zero weights for a fully masked row;
-    ``allowed`` is a boolean (L, S) mask or None (for the mistakes; attnlib is not called)."""
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, H, L, S)
+    ``allowed`` is a boolean (L, S) mask or None (for the mistakes; attnlib is not called).
+    float16/bfloat16 are computed in float32 and cast back, as the reference does;
+    ``max_shift=False``: the softmax exponentiates the raw scores."""
+    work = compute_dtype(q.dtype)
+    scores = (q.to(work) @ k.to(work).transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, H, L, S)
     if allowed is not None:
         scores = scores.masked_fill(~allowed, -math.inf)
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, -math.inf) if attn_mask.dtype == torch.bool \
-            else scores + attn_mask
-    peak = scores.amax(dim=-1, keepdim=True)
-    e = torch.exp(scores - torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak)))
-    total = e.sum(dim=-1, keepdim=True)
-    return (e / torch.where(total == 0, torch.ones_like(total), total)) @ v  # (B, H, L, D)
+            else scores + attn_mask.to(work)
+    if max_shift:
+        peak = scores.amax(dim=-1, keepdim=True)
+        e = torch.exp(scores - torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak)))
+        total = e.sum(dim=-1, keepdim=True)
+        w = e / torch.where(total == 0, torch.ones_like(total), total)
+    else:
+        e = torch.exp(scores)
+        w = e / e.sum(dim=-1, keepdim=True)
+    return (w @ v.to(work)).to(v.dtype)  # (B, H, L, D)
 
 
 def _kv_head_of(n_heads: int, n_kv_heads: int, rule: str) -> Tensor:
@@ -366,10 +377,12 @@ def _kv_head_of(n_heads: int, n_kv_heads: int, rule: str) -> Tensor:
 
 def _gqa_variant(m: MultiHeadAttention, x: Tensor, context: Tensor | None = None,
                  attn_mask: Tensor | None = None, is_causal: bool = False, kv_cache: Any = None, *,
-                 k_rule: str = "interleave", v_rule: str = "interleave", cache: str = "ok") -> Tensor:
+                 k_rule: str = "interleave", v_rule: str = "interleave", cache: str = "ok",
+                 max_shift: bool = True) -> Tensor:
     """MultiHeadAttention.forward (no RoPE) with one ingredient changed. ``cache``: "ok",
     "ignored" (as if no cache were given), "top-left" (the chunk's causal mask not offset
-    by the cached length) or "offset-after-update" (the offset read after appending)."""
+    by the cached length) or "offset-after-update" (the offset read after appending);
+    ``max_shift=False``: the softmax exponentiates the raw scores."""
     B, L, _ = x.shape
     source = x if context is None else context
 
@@ -389,7 +402,7 @@ def _gqa_variant(m: MultiHeadAttention, x: Tensor, context: Tensor | None = None
         allowed = torch.ones(L, k.size(-2), dtype=torch.bool).tril()  # (L, S), top-left
     k = k[:, _kv_head_of(m.n_heads, m.n_kv_heads, k_rule)]  # (B, H, S, D)
     v = v[:, _kv_head_of(m.n_heads, m.n_kv_heads, v_rule)]  # (B, H, S, D)
-    y = _gqa_attend(q, k, v, allowed, attn_mask)  # (B, H, L, D)
+    y = _gqa_attend(q, k, v, allowed, attn_mask, max_shift)  # (B, H, L, D)
     return m.o_proj(y.transpose(1, 2).reshape(B, L, -1))  # (B, L, d_model)
 
 
@@ -441,6 +454,8 @@ def _gqa_cases(hidden: bool) -> list[Case]:
             _gqa_case("8 query heads, 2 KV heads, cross-attention L = 3, S = 7", 804, 2, 3, 16, 8, 2, S=7),
             _gqa_case("KV cache: prefill of 4 tokens, then decoding 1 + 1 (8 heads, 2 KV heads)", 805, 2, 6, 16,
                       8, 2, is_causal=True),
+            _huge_gqa_case("float32, 4 heads, 2 KV heads, every score near -8192 (batch 0) or +8192 (batch 1)",
+                           806, 2, 5, 64, 4, 2, torch.float32),
         ]
     return [
         _gqa_case("L = 1 (one query), 4 heads, 2 KV heads", 810, 2, 1, 8, 4, 2),
@@ -456,7 +471,17 @@ def _gqa_cases(hidden: bool) -> list[Case]:
         _gqa_case("KV cache, MQA: decoding token by token from an empty cache", 819, 1, 5, 8, 4, 1, is_causal=True),
         _gqa_case("KV cache: chunked prefill 3 + 4 + 1 + 2 (6 heads, 3 KV heads, biases)", 820, 2, 10, 12, 6, 3,
                   bias=True, is_causal=True),
+        _huge_gqa_case("bfloat16 weights, MQA, every score near -8192 (batch 0) or +8192 (batch 1), is_causal",
+                       821, 2, 6, 32, 2, 1, torch.bfloat16, is_causal=True),
     ]
+
+
+def _huge_gqa_case(name: str, seed: int, B: int, L: int, d_model: int, H: int, H_kv: int, dtype: torch.dtype,
+                   **kwargs: Any) -> Case:
+    """A low-precision case whose scores all lie far from 0 (:func:`.ch04_multi_head.huge_score_mha`)."""
+    init_args = (d_model, H, H_kv, True)
+    x, sd = huge_score_mha(init_args, B, L, seed, dtype)
+    return Case(name, (x,), kwargs, init_args=init_args, state_dict=sd, low_precision=True)
 
 
 def _build_module(cls: Callable[..., Any], case: Case) -> Any:
@@ -579,6 +604,14 @@ _GQA_MISTAKES = (
         "chunk, later tokens included.",
         f"{PAGE}#incremental-decoding-reproduces-the-full-forward-pass",
         _gqa_mistake(cache="offset-after-update"),
+    ),
+    Mistake(
+        "no max subtraction",
+        "The softmax exponentiated the raw scores: when every score of a row is large, exp "
+        "overflows to inf (inf / inf = NaN), and when every score is very negative it underflows "
+        "to 0 (0 / 0 = NaN). Subtract each row's maximum before exp.",
+        "02_queries_keys_values.html#a-softmax-that-cannot-overflow",
+        _gqa_mistake(max_shift=False),
     ),
 )
 

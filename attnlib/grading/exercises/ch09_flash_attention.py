@@ -24,20 +24,24 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_flatten
 
 from ..._validate import compute_dtype
 from ...flash import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, flash_attention, flash_attention_backward
 from ...measure import ShapeRecorder
-from ..core import Case, Exercise, Mistake, register
-from .common import F64, NO_ATTNLIB, NO_FUSED, clone_args, randn
+from ..core import Case, Exercise, Mistake, register, section_url
+from .common import F64, NO_ATTNLIB, NO_FUSED, binade_values, clone_args, grid, huge_score_qk, randn
 
 PAGE = "09_flash_attention.html"
 
 
 def _flash_variant(*, rescale_acc: bool = True, rescale_sum: bool = True, store_max: bool = True,
                    per_tile: bool = False, bottom_right: bool = False, lse_with_max: bool = True,
-                   use_scale_arg: bool = True, default_scale: bool = True) -> Callable[..., Any]:
-    """Tiled attention with the online softmax, one thing changed."""
+                   use_scale_arg: bool = True, default_scale: bool = True, m_init: float = -math.inf,
+                   max_shift: bool = True, in_place: bool = False) -> Callable[..., Any]:
+    """Tiled attention with the online softmax, one thing changed: ``m_init`` is the running
+    maximum's starting value, ``max_shift=False`` exponentiates the raw scores (no running
+    maximum at all), ``in_place=True`` scales the caller's ``query`` in place."""
     def wrong(query: Tensor, key: Tensor, value: Tensor, is_causal: bool = False,
               scale: float | None = None, block_q: int = DEFAULT_BLOCK_Q,
               block_k: int = DEFAULT_BLOCK_K, return_lse: bool = False) -> Any:
@@ -47,12 +51,15 @@ def _flash_variant(*, rescale_acc: bool = True, rescale_sum: bool = True, store_
         if scale is None or not use_scale_arg:
             scale = 1.0 / math.sqrt(E) if default_scale else 1.0
         shift = S - L if bottom_right else 0  # query i sees keys j <= i + shift
+        if in_place:
+            q *= scale  # the caller's tensor when it is float32/float64
+            scale = 1.0
         out = q.new_zeros(*q.shape[:-1], v.size(-1))
         lse = q.new_zeros(q.shape[:-1])
         for i0 in range(0, L, block_q):
             i1 = min(i0 + block_q, L)
             qb = q[..., i0:i1, :] * scale
-            m = q.new_full(qb.shape[:-1], -math.inf)
+            m = q.new_full(qb.shape[:-1], m_init)
             l = q.new_zeros(qb.shape[:-1])
             acc = q.new_zeros(*qb.shape[:-1], v.size(-1))
             true_m, true_l = m.clone(), l.clone()  # the right statistics, for per_tile's lse
@@ -75,6 +82,11 @@ def _flash_variant(*, rescale_acc: bool = True, rescale_sum: bool = True, store_
                     true_l = true_l * torch.exp(true_m - new_safe) + torch.exp(s - new_safe[..., None]).sum(-1)
                     true_m = new
                     continue
+                if not max_shift:  # exp of the raw scores, summed as they come
+                    p = torch.exp(s)
+                    l = l + p.sum(dim=-1)
+                    acc = acc + p @ v[..., j0:j1, :]
+                    continue
                 m_new = torch.maximum(m, tile_max)
                 m_safe = torch.where(torch.isfinite(m_new), m_new, 0.0)
                 alpha = torch.exp(m - m_safe)
@@ -87,7 +99,7 @@ def _flash_variant(*, rescale_acc: bool = True, rescale_sum: bool = True, store_
                 out[..., i0:i1, :], m, l = acc, true_m, true_l
             else:
                 out[..., i0:i1, :] = acc / torch.where(l == 0, 1.0, l)[..., None]
-            lse[..., i0:i1] = m + torch.log(l) if lse_with_max else torch.log(l)
+            lse[..., i0:i1] = m + torch.log(l) if lse_with_max and max_shift else torch.log(l)
         out = out.to(query.dtype)
         return (out, lse) if return_lse else out
     return wrong
@@ -111,6 +123,9 @@ def _flash_cases(hidden: bool) -> list[Case]:
                  {"scale": 0.3, "block_q": 2, "block_k": 4, "return_lse": True}),
             Case("L = S = 256, blocks 32 x 32 (no L x S tensor allowed)", qkv((1, 2, 256, 8), 256, 8, 672),
                  {"block_q": 32, "block_k": 32}),
+            Case("float32, every score near -8192 (batch 0) or +8192 (batch 1), return_lse, blocks 4 x 4",
+                 _huge_qkv((2, 2), 6, 10, 675, torch.float32), {"block_q": 4, "block_k": 4, "return_lse": True},
+                 low_precision=True),
         ]
     return [
         Case("blocks larger than L and S", qkv((2, 2, 5, 4), 7, 3, 680), {"block_q": 64, "block_k": 64}),
@@ -126,21 +141,55 @@ def _flash_cases(hidden: bool) -> list[Case]:
              {"is_causal": True, "block_q": 4, "block_k": 4}, low_precision=True),
         Case("causal, L = S = 200, blocks 48 x 40 (no L x S tensor allowed)", qkv((1, 1, 200, 4), 200, 4, 701),
              {"is_causal": True, "block_q": 48, "block_k": 40}),
+        Case("bfloat16, every score near -8192 (batch 0) or +8192 (batch 1), causal, return_lse, blocks 3 x 4",
+             _huge_qkv((2, 1), 7, 9, 704, torch.bfloat16),
+             {"is_causal": True, "block_q": 3, "block_k": 4, "return_lse": True}, low_precision=True),
     ]
 
 
+def _huge_qkv(lead: tuple[int, ...], L: int, S: int, seed: int,
+              dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """Queries and keys (E = 16) whose scores all lie near -HUGE_SCORE on even batch items and
+    +HUGE_SCORE on odd ones (:func:`~.common.huge_score_qk`), values from
+    :func:`~.common.binade_values`; exact in ``dtype``."""
+    q, k = huge_score_qk(lead, L, S, 16, seed=seed, dtype=dtype)
+    return q, k, binade_values(*lead, S, 8, seed=seed + 2, dtype=dtype)
+
+
 _ONLINE_SOFTMAX_ADVICE = ("Keep one (block_q, block_k) tile of scores at a time, with the running max, sum "
-                          f"and accumulator of the online softmax. See {PAGE}#the-online-softmax.")
+                          "and accumulator of the online softmax. See "
+                          f"{section_url(f'{PAGE}#the-online-softmax')}.")
 _RECOMPUTE_ADVICE = ("Recompute one (block_q, block_k) tile of weights at a time from its scores and lse, "
                      "P = exp(scores - lse), and add its share to dQ, dK and dV. See "
-                     f"{PAGE}#the-backward-pass-recompute-don-t-store.")
+                     f"{section_url(f'{PAGE}#the-backward-pass-recompute-don-t-store')}.")
+
+
+class _TensorRecorder(ShapeRecorder):
+    """:class:`attnlib.measure.ShapeRecorder` that also keeps the dtype of every tensor it
+    records (``tensors``: ``(shape, dtype)`` pairs), so that the check can say what was built:
+    a boolean ``(L, S)`` mask is not a score matrix, though it is as large as one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tensors: list[tuple[tuple[int, ...], torch.dtype]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        self.tensors += [(tuple(t.shape), t.dtype) for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
+        return out
+
+    def quadratic_tensors(self, L: int, S: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        """The recorded tensors whose shape :meth:`quadratic` flags, with their dtypes."""
+        big = set(self.quadratic(L, S))
+        return [(shape, dtype) for shape, dtype in self.tensors if shape in big]
 
 
 def _flash_no_score_matrix(student: Callable[..., Any], case: Case,
                            advice: str = _ONLINE_SOFTMAX_ADVICE) -> str | None:
     """Run the learner's flash attention (or its backward pass) under
-    :class:`attnlib.measure.ShapeRecorder` and fail if any tensor could hold the whole
-    ``L x S`` score matrix.
+    :class:`attnlib.measure.ShapeRecorder` (:class:`_TensorRecorder`) and fail if any tensor
+    could hold the whole ``L x S`` score matrix. The message says what was built: a floating
+    one is the score matrix (or the weights), a boolean or integer one a precomputed mask.
 
     Checked only on the cases built for it: at least 128 queries and keys and tiles at most a
     quarter of that, so that no honest tensor (a tile, the ``(N, L)`` statistics of the
@@ -153,13 +202,22 @@ def _flash_no_score_matrix(student: Callable[..., Any], case: Case,
     if min(L, S) < 128 or 4 * max(block_q, block_k) > min(L, S):
         return None
     args, kwargs = clone_args(case.args, case.kwargs)
-    with torch.no_grad(), ShapeRecorder() as rec:
+    with torch.no_grad(), _TensorRecorder() as rec:
         student(*args, **kwargs)
-    big = rec.quadratic(L, S)
-    if big:
-        return (f"built a tensor of shape {big[0]} (L = {L}, S = {S}, blocks {block_q} x {block_k}): "
-                f"flash attention must never materialise the L x S score matrix. {advice}")
-    return None
+    big = rec.quadratic_tensors(L, S)
+    if not big:
+        return None
+    where = f"(L = {L}, S = {S}, blocks {block_q} x {block_k})"
+    values = [shape for shape, dtype in big if dtype.is_floating_point or dtype.is_complex]
+    if values:  # numbers per (query, key) pair: scores or weights, whole
+        return (f"built a tensor of shape {values[0]} {where}: flash attention must never materialise the "
+                f"L x S score matrix. {advice}")
+    shape, dtype = big[0]
+    kind = "boolean" if dtype == torch.bool else str(dtype).replace("torch.", "")
+    return (f"built an L x S {kind} mask of shape {shape} {where}: not the score matrix, but a precomputed "
+            f"(L, S) mask takes memory of order L x S as well, which flash attention must not use. Mask each "
+            f"tile when it is computed, from its own query and key positions (key j > query i), and skip the "
+            f"tiles wholly above the diagonal. {advice}")
 
 
 register(Exercise(
@@ -227,6 +285,32 @@ register(Exercise(
             "03_scaling.html#the-variance-of-a-dot-product",
             _flash_variant(default_scale=False),
         ),
+        Mistake(
+            "running max initialised to 0 instead of -inf",
+            "The running max must start at m = -inf, below every score. Started at 0, it stays 0 "
+            "while every score of a row is very negative: exp(s - 0) underflows to 0 for every "
+            "key, l = 0, and the row's output and lse are lost.",
+            f"{PAGE}#the-online-softmax",
+            _flash_variant(m_init=0.0),
+        ),
+        Mistake(
+            "no max subtraction",
+            "The tiles' scores were exponentiated as they are, without the running max: exp "
+            "overflows to inf when every score of a row is large (inf / inf = NaN) and underflows "
+            "to 0 when every score is very negative. Keep m, and use exp(s - m_new) and the "
+            "rescaling by exp(m_old - m_new).",
+            f"{PAGE}#the-online-softmax",
+            _flash_variant(max_shift=False),
+        ),
+        Mistake(
+            "modifies its input in place",
+            "`q *= scale` changes the caller's query tensor: for float32 and float64 inputs "
+            "`query.to(dtype)` is `query` itself, not a copy. Scale into a new tensor, "
+            "`q = query * scale`, or scale each tile of scores.",
+            f"{PAGE}#the-code",
+            _flash_variant(in_place=True),
+            changes_input=True,
+        ),
     ),
 ))
 
@@ -234,10 +318,12 @@ register(Exercise(
 
 
 def _flash_bwd_variant(*, delta: bool = True, with_lse: bool = True, scale_grads: bool = True,
-                       causal: bool = True) -> Callable[..., Any]:
+                       causal: bool = True, split_exp: bool = False) -> Callable[..., Any]:
     """The tiled backward pass with one thing changed: ``delta`` (the D = rowsum(dO * O)
     term), ``with_lse`` (P from lse, or a softmax of each tile alone), ``scale_grads`` (the
-    scale in dQ and dK), ``causal`` (the mask applied to the recomputed scores)."""
+    scale in dQ and dK), ``causal`` (the mask applied to the recomputed scores),
+    ``split_exp`` (P = exp(scores) / exp(lse), two exponentials that overflow or underflow,
+    instead of exp(scores - lse))."""
     def wrong(query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor,
               is_causal: bool = False, scale: float | None = None, block_q: int = DEFAULT_BLOCK_Q,
               block_k: int = DEFAULT_BLOCK_K, grad_lse: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -260,7 +346,9 @@ def _flash_bwd_variant(*, delta: bool = True, with_lse: bool = True, scale_grads
                 if is_causal and causal:
                     future = torch.arange(j0, j1)[None, :] > torch.arange(i0, i1)[:, None]
                     s = s.masked_fill(future, -math.inf)
-                if with_lse:
+                if split_exp:
+                    p = torch.exp(s) / torch.exp(row_lse[..., i0:i1, None])
+                elif with_lse:
                     p = torch.exp(s - row_lse[..., i0:i1, None])
                 else:  # a softmax of the tile alone
                     peak = s.amax(dim=-1, keepdim=True)
@@ -286,6 +374,18 @@ def _flash_bwd_cases(hidden: bool) -> list[Case]:
         if with_grad_lse:
             kwargs["grad_lse"] = randn(*lead, L, seed=seed + 4)
         return Case(name, (q, k, v, out, lse, randn(*lead, L, Ev, seed=seed + 3)), kwargs)
+
+    def huge_case(name: str, lead: tuple[int, ...], L: int, S: int, seed: int, dtype: torch.dtype, *,
+                  with_grad_lse: bool = False, **kwargs: Any) -> Case:
+        """Scores all near -HUGE_SCORE or +HUGE_SCORE (:func:`_huge_qkv`); ``out`` and ``lse``
+        from the forward pass in ``dtype`` (``lse`` float32 for bfloat16)."""
+        q, k, v = _huge_qkv(lead, L, S, seed, dtype)
+        forward = {n: kwargs[n] for n in ("is_causal", "scale", "block_q", "block_k") if n in kwargs}
+        out, lse = flash_attention(q, k, v, **forward, return_lse=True)
+        if with_grad_lse:
+            kwargs["grad_lse"] = grid(*lead, L, seed=seed + 4, dtype=lse.dtype)
+        return Case(name, (q, k, v, out, lse, grid(*lead, L, v.size(-1), seed=seed + 3, dtype=dtype)), kwargs,
+                    low_precision=True)
     if not hidden:
         return [
             case("L = S = 8, blocks 4 x 4", (2, 2), 8, 8, 4, 3, 900, block_q=4, block_k=4),
@@ -295,6 +395,8 @@ def _flash_bwd_cases(hidden: bool) -> list[Case]:
                  with_grad_lse=True, scale=0.3, block_q=2, block_k=4),
             case("L = S = 256, blocks 32 x 32 (no L x S tensor allowed)", (1, 2), 256, 256, 8, 8, 915,
                  block_q=32, block_k=32),
+            huge_case("float32, every score near -8192 (batch 0) or +8192 (batch 1), blocks 4 x 4", (2, 2), 6, 10,
+                      918, torch.float32, block_q=4, block_k=4),
         ]
     return [
         case("blocks larger than L and S", (2, 2), 5, 7, 4, 3, 920, block_q=64, block_k=64),
@@ -310,6 +412,8 @@ def _flash_bwd_cases(hidden: bool) -> list[Case]:
         case("3-D inputs (N, L, E), default blocks", (3,), 6, 6, 4, 4, 950),
         case("causal, L = S = 200, blocks 48 x 40 (no L x S tensor allowed)", (1, 1), 200, 200, 4, 4, 955,
              is_causal=True, block_q=48, block_k=40),
+        huge_case("bfloat16, every score near -8192 (batch 0) or +8192 (batch 1), causal + grad_lse, blocks 3 x 4",
+                  (2, 1), 7, 9, 960, torch.bfloat16, with_grad_lse=True, is_causal=True, block_q=3, block_k=4),
     ]
 
 
@@ -352,6 +456,15 @@ register(Exercise(
             "has weight 0, exp(-inf - lse), and must not receive a gradient.",
             f"{PAGE}#the-backward-pass-recompute-don-t-store",
             _flash_bwd_variant(causal=False),
+        ),
+        Mistake(
+            "P computed as exp(scores) / exp(lse)",
+            "The backward pass's form of a missing max subtraction: exp(scores) and exp(lse) "
+            "overflow to inf when a row's scores are large (inf / inf = NaN) and underflow to 0 "
+            "when they are very negative (0 / 0 = NaN). Subtract first: P = exp(scores - lse), "
+            "every exponent <= 0.",
+            f"{PAGE}#the-backward-pass-recompute-don-t-store",
+            _flash_bwd_variant(split_exp=True),
         ),
     ),
 ))

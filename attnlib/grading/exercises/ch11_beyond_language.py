@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ...vision import patchify, unpatchify
 from ..core import Case, Exercise, Mistake, register
-from .common import NO_ATTNLIB, randn
+from .common import NO_ATTNLIB, generator, randn
 
 PAGE = "11_beyond_language.html"
 
@@ -46,7 +46,7 @@ def _patchify_cases(hidden: bool) -> list[Case]:
             Case("B = 2, C = 3, 8 x 12 image, p = 4", (randn(2, 3, 8, 12, seed=760), 4)),
             Case("B = 1, C = 2, 6 x 6 image, p = 3", (randn(1, 2, 6, 6, seed=761), 3)),
         ]
-    g = torch.Generator().manual_seed(762)
+    g = generator(762)
     return [
         Case("p = 1", (randn(1, 2, 3, 4, seed=763), 1)),
         Case("one patch (p = H = W)", (randn(2, 3, 5, 5, seed=764), 5)),
@@ -122,7 +122,7 @@ def _unpatchify_cases(hidden: bool) -> list[Case]:
             case("B = 2, C = 3, 8 x 12 image, p = 4", 2, 3, 8, 12, 4, 770),
             case("B = 1, C = 2, 6 x 6 image, p = 3", 1, 2, 6, 6, 3, 771),
         ]
-    g = torch.Generator().manual_seed(772)
+    g = generator(772)
     return [
         case("p = 1", 1, 2, 3, 4, 1, 773),
         case("one patch (p = H = W)", 2, 3, 5, 5, 5, 774),
