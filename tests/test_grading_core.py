@@ -746,7 +746,7 @@ def test_the_site_constant_is_what_the_course_config_gives():
     owner, name = config["repository"]["url"].rstrip("/").split("/")[-2:]
     expected = base.rstrip("/") + "/" if base else f"https://{owner.lower()}.github.io/{name}/"
     assert SITE_URL == site_url(ROOT / "_config.yml") == expected
-    assert DEFAULT_SITE_URL == expected, "update DEFAULT_SITE_URL in attnlib/grading/core.py"
+    assert DEFAULT_SITE_URL == expected, "update DEFAULT_SITE_URL in attnlib/grading/site.py"
 
 
 @pytest.mark.parametrize("text, expected", [

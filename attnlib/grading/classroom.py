@@ -42,24 +42,24 @@ interruption: the students finished so far; the others are listed as not graded)
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import csv
 import datetime as _dt
 import hashlib
 import io
 import json
 import os
-import re
 import signal
 import sys
 import threading
 import time
 import traceback
 import warnings
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+from .stopping import _kill_sandboxes, _Stop
+from .summary import _num, _problems, failure_kind, failures_by_kind, format_summary
 
 __all__ = ["ClassGradingError", "GradingInterrupted", "StudentResult", "grade_class", "failure_kind", "main"]
 
@@ -141,46 +141,6 @@ def _submission_files(folder: Path) -> list[Path]:
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _num(x: float) -> float | int:
-    return int(x) if float(x).is_integer() else float(x)
-
-
-# --------------------------------------------------------------------------- failure kinds
-
-_KINDS: list[tuple[str, re.Pattern]] = [(k, re.compile(p, re.I)) for k, p in [
-    ("missing notebook", r"no notebook named|notebook is missing|was not submitted"),
-    ("unreadable notebook", r"not a Jupyter notebook|not valid JSON|cannot grade"),
-    ("time limit", r"timed out|did not finish within|time limit"),
-    ("memory limit", r"memory limit|MemoryError|out of memory"),
-    ("output limit", r"printed more than|output limit"),
-    ("crash", r"signal|segmentation|killed|os\._exit|exit code|ended the process|crash|sys\.exit|SystemExit"),
-    ("forbidden call", r"forbid|off limits|not allowed|built an? L x S|builds an? L x S"),
-    ("not implemented", r"not implemented yet|NotImplementedError"),
-    ("not defined", r"no object named"),
-    ("named mistake", r"looks like|this is the mistake|known mistake|mistake:"),
-    ("changed its input", r"changed its input"),
-    ("wrong type", r"expected a (single |Python )?(torch\.Tensor|tuple|float|int)|return a (plain )?torch\.Tensor|subclass of torch\.Tensor"),
-    ("wrong shape", r"shape"),
-    ("wrong dtype", r"dtype"),
-    ("wrong device", r"device"),
-    ("not finite", r"NaN|inf\b|not finite|non-finite"),
-    ("raised an error", r"raised \w+"),
-    ("wrong values", r"differ|wrong value|mismatch"),
-]]
-
-
-def failure_kind(feedback: str) -> str:
-    """A short category for a failed item's feedback, for the class summary."""
-    first = feedback.strip().splitlines()[0] if feedback.strip() else ""
-    for kind, pattern in _KINDS:
-        if pattern.search(first):
-            return kind
-    for kind, pattern in _KINDS:  # the first line said nothing recognisable: look further
-        if pattern.search(feedback):
-            return kind
-    return "other"
 
 
 # --------------------------------------------------------------------------- one student
@@ -607,77 +567,6 @@ def _grade_all(assignment: str, root: Path, source_dir: Path, out_dir: Path, all
     return ordered
 
 
-class _Stop:
-    """Ctrl-C, SIGTERM and SIGHUP set :attr:`event` (and remember the first signal) instead of
-    interrupting the main thread where it happens to be; the grading loop watches it. A
-    signal the process ignores (e.g. SIGHUP under ``nohup``) stays ignored."""
-
-    SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.signum: int | None = None
-
-    def is_set(self) -> bool:
-        return self.event.is_set()
-
-    def __call__(self, signum: int, frame: Any) -> None:
-        if self.signum is None:
-            self.signum = signum
-        self.event.set()
-
-    @contextlib.contextmanager
-    def installed(self):
-        saved = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                try:
-                    if signal.getsignal(sig) == signal.SIG_IGN:
-                        continue
-                    saved[sig] = signal.signal(sig, self)
-                except (OSError, ValueError):
-                    pass
-        try:
-            yield self
-        finally:
-            for sig, handler in saved.items():
-                signal.signal(sig, handler)
-
-
-def _kill_sandboxes() -> None:
-    """SIGKILL the process group of every grading child this process started: the sandbox
-    script, or the child it became (without namespaces it execs ``attnlib.grading.child``).
-    The grading threads see their child end, give up and remove their temporary folders.
-    Linux: the children are found in /proc; elsewhere nothing is killed and the students in
-    flight end within their time limit."""
-    from .supervisor import SANDBOX_SCRIPT
-
-    me, marks = os.getpid(), {os.fsencode(str(SANDBOX_SCRIPT)), b"attnlib.grading.child"}
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return
-    for name in entries:
-        if not name.isdigit():
-            continue
-        pid = int(name)
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
-            if ppid != me:
-                continue
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if not marks & set(f.read().split(b"\0")):
-                    continue
-        except (OSError, ValueError, IndexError):
-            continue
-        for kill in (os.killpg, os.kill):  # the child's group (it leads a session), then the child
-            try:
-                kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-
-
 def _write_summary(out_dir: Path, assignment: str, results: list[StudentResult],
                    not_graded: list[str] = (), stopped_by: int | None = None) -> None:
     """``<assignment>.csv`` (a row per student; those not graded yet have no score) and
@@ -695,53 +584,6 @@ def _write_summary(out_dir: Path, assignment: str, results: list[StudentResult],
         {"assignment": assignment, "students": [r.as_dict() for r in results],
          "failures_by_kind": dict(failures_by_kind(results)), "not_graded": list(not_graded),
          "stopped_by": _signal_name(stopped_by) if stopped_by else None}, indent=2))
-
-
-def _problems(r: StudentResult) -> list[str]:
-    """What went wrong for a student: the notes on their submission, each notebook not graded
-    (missing, unreadable) and, for graded ones, the failed items with their kind of failure."""
-    out = list(r.notes)
-    several = len(r.notebooks) > 1
-    for nb in r.notebooks:
-        if nb.get("status") != "graded":
-            out.append(nb.get("message", nb.get("status", "")))
-            continue
-        failed = [f"{i.get('id')} ({failure_kind(i.get('feedback', ''))})"
-                  for i in nb.get("items", []) if not i.get("passed")]
-        if failed:
-            where = f" in {nb.get('name')}" if several else ""
-            out.append(f"failed{where}: {', '.join(failed)}")
-    return out
-
-
-def failures_by_kind(results: list[StudentResult]) -> Counter:
-    c: Counter = Counter()
-    for r in results:
-        for nb in r.notebooks:
-            for item in nb.get("items", []):
-                if not item.get("passed"):
-                    c[failure_kind(item.get("feedback", ""))] += 1
-    return c
-
-
-def format_summary(results: list[StudentResult]) -> str:
-    sw = max([len("student")] + [len(r.student) for r in results])
-    lines = [f"{'student':<{sw}}  {'score':>9}  problems", "-" * (sw + 30)]
-    for r in results:
-        score = f"{_num(r.score)}/{_num(r.max_score)}"
-        problems = "; ".join(_problems(r))
-        lines.append(f"{r.student:<{sw}}  {score:>9}  {problems}".rstrip())
-    n = len(results)
-    kept = sum(r.skipped for r in results)
-    scores = sorted(r.score for r in results)
-    if n:
-        lines.append(f"{n} students ({n - kept} graded now, {kept} kept from an earlier run); "
-                     f"mean {sum(scores) / n:.2f}, median {scores[n // 2] if n % 2 else (scores[n // 2 - 1] + scores[n // 2]) / 2:g}"
-                     f" of {_num(max(r.max_score for r in results))}")
-    kinds = failures_by_kind(results)
-    if kinds:
-        lines.append("failed items by kind: " + ", ".join(f"{k} {v}" for k, v in kinds.most_common()))
-    return "\n".join(lines)
 
 
 def main(assignment: str, root: str = ".", **options: Any) -> int:

@@ -23,18 +23,21 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
-import math
 import textwrap
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 from torch import Tensor, nn
 
-from . import secret
+from . import compare, secret, site
+
+#: The course site's address and the low-precision rule's floor, now in :mod:`.site` and
+#: :mod:`.compare` (the grader calls those modules' functions), importable from here as before.
+SITE_URL, DEFAULT_SITE_URL, BOOK_DIR = site.SITE_URL, site.DEFAULT_SITE_URL, site.BOOK_DIR
+site_url, section_url = site.site_url, site.section_url
+LOW_PRECISION_FLOOR = compare.LOW_PRECISION_FLOOR
 
 __all__ = [
     "Case",
@@ -54,84 +57,6 @@ __all__ = [
     "register",
     "section_url",
 ]
-
-#: The floor added to twice the reference's own error in the low-precision rule.
-LOW_PRECISION_FLOOR = 1e-6
-
-
-# --------------------------------------------------------------------------- the course site
-
-#: The course site when ``_config.yml`` cannot be read: attnlib installed from a wheel, or the
-#: grader's sandboxed child, which sees the attnlib package but not the course folder. The
-#: one place this address is typed; ``tests/test_grading_core.py`` checks that it is what
-#: ``_config.yml`` gives, so that the child's messages and the parent's agree.
-DEFAULT_SITE_URL = "https://attention-from-first-principles.github.io/course/"
-#: Where the chapters' pages sit on the site (``_toc.yml`` lists them as ``book/NN_topic``).
-BOOK_DIR = "book/"
-
-
-def _config_value(text: str, block: str, key: str) -> str | None:
-    """``block.key`` of a YAML file's text, for the simple ``block:`` / indented ``key: value``
-    layout of ``_config.yml`` (standard library only: PyYAML is not a dependency of attnlib)."""
-    current = None
-    for line in text.splitlines():
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        if not line[0].isspace():
-            current = line.split(":", 1)[0].strip()
-            continue
-        if current != block:
-            continue
-        name, sep, value = line.strip().partition(":")
-        if sep and name == key:
-            value = value.split(" #", 1)[0].strip().strip("\"'")
-            return value or None
-    return None
-
-
-def _pages_url(repository: str | None) -> str | None:
-    """The GitHub Pages address of ``https://github.com/<owner>/<name>``, else ``None``."""
-    parsed = urlparse((repository or "").strip())
-    parts = [p for p in parsed.path.split("/") if p]
-    if parsed.scheme != "https" or parsed.netloc != "github.com" or len(parts) != 2:
-        return None
-    owner, name = parts[0].lower(), parts[1].removesuffix(".git")
-    host = f"https://{owner}.github.io/"
-    return host if name.lower() == f"{owner}.github.io" else f"{host}{name}/"
-
-
-def site_url(config: Path | None = None) -> str:
-    """The course site's address, ending with ``/``: ``html.baseurl`` of ``_config.yml`` if it
-    is set, else the GitHub Pages site of ``repository.url``; :data:`DEFAULT_SITE_URL` when
-    the file is absent or unreadable (``config``: the file; default the course's own, next to
-    the ``attnlib`` package in a checkout)."""
-    if config is None:
-        root = Path(__file__).resolve().parents[2]
-        if not (root / "book").is_dir():  # attnlib installed, not a checkout of the course
-            return DEFAULT_SITE_URL
-        config = root / "_config.yml"
-    try:
-        text = config.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return DEFAULT_SITE_URL
-    base = _config_value(text, "html", "baseurl")
-    if base and urlparse(base).scheme in ("http", "https"):
-        return base.rstrip("/") + "/"
-    return _pages_url(_config_value(text, "repository", "url")) or DEFAULT_SITE_URL
-
-
-#: The course site, read once when attnlib.grading is imported (before any learner code).
-SITE_URL = site_url()
-
-
-def section_url(section: str) -> str:
-    """The absolute address of a section of the book, ``"03_scaling.html#the-code"`` ->
-    ``SITE_URL + "book/03_scaling.html#the-code"``; an address that is already absolute is
-    returned as it is. :attr:`Exercise.section` and :attr:`Mistake.section` stay relative
-    (the tests check them against the book's headings); messages use this."""
-    if not section or "://" in section:
-        return section
-    return f"{SITE_URL}{BOOK_DIR}{section.lstrip('/')}"
 
 
 @dataclass(frozen=True)
@@ -379,7 +304,7 @@ def _tensor_change(before: Tensor, after: Any) -> str | None:
     """How the tensor a call received differs from the case's, or ``None``: exact values,
     NaN equal to NaN."""
     if not isinstance(after, Tensor):
-        return f"it was replaced by {_describe_type(after)}"
+        return f"it was replaced by {compare._describe_type(after)}"
     if after.dtype != before.dtype:
         return f"it went from {before.dtype} to {after.dtype}"
     if after.shape != before.shape:
@@ -403,7 +328,7 @@ def _first_change(before: Any, after: Any, path: str) -> tuple[str, str] | None:
         return None if how is None else (path, how)
     if isinstance(before, (tuple, list)):
         if type(after) is not type(before) or len(after) != len(before):
-            return path, f"it now holds {_describe_type(after)} instead of {len(before)} elements"
+            return path, f"it now holds {compare._describe_type(after)} instead of {len(before)} elements"
         for i, (b, a) in enumerate(zip(before, after)):
             found = _first_change(b, a, f"{path}[{i}]")
             if found:
@@ -478,7 +403,7 @@ def _input_message(exercise: Exercise, path: str, how: str) -> str:
     mistake = next((m for m in exercise.mistakes if m.changes_input), None)
     if mistake is not None:
         return (f"Looks like {mistake.name}: {_sentence(mistake.explanation)} See "
-                f"{section_url(mistake.section)}.\n({what})")
+                f"{site.section_url(mistake.section)}.\n({what})")
     return f"{_sentence(what)} See {_section_of(exercise)}."
 
 
@@ -500,189 +425,6 @@ def mistake_as_student(exercise: Exercise, mistake: Mistake) -> Callable:
 # --------------------------------------------------------------------------- judging
 
 
-def _describe_type(obj: Any) -> str:
-    if obj is None:
-        return "None"
-    if isinstance(obj, (tuple, list)):
-        return f"a {type(obj).__name__} of {len(obj)} elements"
-    t = type(obj)
-    return f"a {t.__module__}.{t.__qualname__}" if t.__module__ != "builtins" else f"a {t.__name__}"
-
-
-def _index(flat: int, shape: torch.Size) -> tuple[int, ...]:
-    idx = []
-    for size in reversed(shape):
-        idx.append(flat % size)
-        flat //= size
-    return tuple(reversed(idx))
-
-
-def _abs_err(out: Tensor, ref: Tensor) -> Tensor:
-    """|out - ref| in float64, 0 where both are equal (also equal infinities) or both NaN."""
-    a, b = out.detach().double(), ref.detach().double()
-    err = (a - b).abs()
-    same = (a == b) | (torch.isnan(a) & torch.isnan(b))
-    err = torch.where(same, torch.zeros_like(err), err)
-    return torch.where(torch.isnan(err), torch.full_like(err, math.inf), err)
-
-
-def _tolerance(expected: Tensor, exercise: Exercise) -> Tensor:
-    """atol + rtol * |expected| per entry; where ``expected`` is not finite only an exact
-    match passes (:func:`_abs_err` is 0 there, or inf)."""
-    mag = expected.detach().double().abs()
-    mag = torch.where(torch.isfinite(mag), mag, torch.zeros_like(mag))
-    return exercise.atol + exercise.rtol * mag
-
-
-def _fmt(x: float | bool | int) -> str:
-    return f"{x:.6g}" if isinstance(x, float) else str(x)
-
-
-class _Failure(Exception):
-    """A failed comparison: ``stage`` is type, shape, dtype, nonfinite or values."""
-
-    def __init__(self, stage: str, message: str) -> None:
-        super().__init__(message)
-        self.stage, self.message = stage, message
-
-
-def _compare(out: Any, ref: Any, exact: Any, case: Case, exercise: Exercise, where: str) -> None:
-    """Raise :class:`_Failure` at the first check ``out`` fails against ``ref``.
-
-    ``exact`` is the reference evaluated in float64 on upcast inputs (low-precision cases
-    only, else ``None``). ``where`` names the element inside a returned tuple.
-    """
-    prefix = f"{where}: " if where else ""
-    if isinstance(ref, (tuple, list)):
-        if not isinstance(out, (tuple, list)):
-            raise _Failure("type", f"{prefix}returned {_describe_type(out)}; expected a tuple of "
-                           f"{len(ref)} elements")
-        if len(out) != len(ref):
-            raise _Failure("type", f"{prefix}returned {_describe_type(out)}; expected a tuple of "
-                           f"{len(ref)} elements")
-        for i, (o, r) in enumerate(zip(out, ref)):
-            e = None if exact is None else exact[i]
-            _compare(o, r, e, case, exercise, f"{where}[{i}]" if where else f"element {i} of the returned tuple")
-        return
-    if not isinstance(ref, Tensor):
-        _compare_scalar(out, ref, exercise, prefix)
-        return
-
-    # 1. type
-    if type(out) is not Tensor:
-        if out is None:
-            msg = "returned None instead of a torch.Tensor: is a `return` missing?"
-        elif isinstance(out, Tensor):
-            msg = (f"returned {_describe_type(out)}, a subclass of torch.Tensor; return a plain "
-                   f"torch.Tensor")
-        elif type(out).__module__ == "numpy":
-            msg = (f"returned {_describe_type(out)}; return a torch.Tensor (stay in torch: no "
-                   f"numpy in between)")
-        elif isinstance(out, (tuple, list)):
-            msg = f"returned {_describe_type(out)}; expected a single torch.Tensor"
-        else:
-            msg = f"returned {_describe_type(out)}; expected a torch.Tensor"
-        raise _Failure("type", prefix + msg)
-    # 2. shape
-    if out.shape != ref.shape:
-        raise _Failure("shape", f"{prefix}wrong shape: got {tuple(out.shape)}, expected {tuple(ref.shape)}")
-    # 3. dtype
-    if out.dtype != ref.dtype:
-        raise _Failure("dtype", f"{prefix}wrong dtype: got {out.dtype}, expected {ref.dtype}")
-    out, ref = out.detach(), ref.detach()
-    if out.device != ref.device:
-        out = out.to(ref.device)
-    # exact comparison for masks and integer tensors
-    if not (ref.is_floating_point() or ref.is_complex()):
-        diff = out != ref
-        if bool(diff.any()):
-            n = int(diff.sum())
-            first = _index(int(diff.flatten().nonzero()[0]), ref.shape)
-            raise _Failure("values", f"{prefix}{n} of {ref.numel()} entries differ, first at index "
-                           f"{first}: got {_fmt(out[first].item())}, expected {_fmt(ref[first].item())}")
-        return
-    # 4. finiteness
-    for label, bad in (("NaN", torch.isnan), ("inf", torch.isinf)):
-        wrong = bad(out) & ~bad(ref)
-        if bool(wrong.any()):
-            first = _index(int(wrong.flatten().nonzero()[0]), ref.shape)
-            raise _Failure("nonfinite", f"{prefix}the output holds {label} at {int(wrong.sum())} of "
-                           f"{ref.numel()} positions (first at index {first}) where the expected "
-                           f"result is {_fmt(ref[first].item())}")
-    # 5. values
-    if ref.numel() == 0:
-        return
-    if case.low_precision:
-        assert exact is not None
-        ours = _abs_err(out, exact)
-        allowed = 2 * _abs_err(ref, exact).max().item() + LOW_PRECISION_FLOOR
-        worst = ours.max().item()
-        if worst > allowed:
-            first = _index(int(ours.flatten().argmax()), ref.shape)
-            raise _Failure("values", f"{prefix}too far from the exact (float64) result: largest error "
-                           f"{worst:.3g} at index {first} (got {_fmt(out[first].item())}, exact "
-                           f"{_fmt(exact[first].item())}); the reference run in {ref.dtype} is within "
-                           f"{(allowed - LOW_PRECISION_FLOOR) / 2:.3g}, and {allowed:.3g} is allowed")
-        return
-    err = _abs_err(out, ref)
-    bad = err > _tolerance(ref, exercise)
-    if bool(bad.any()):
-        first = _index(int(err.flatten().argmax()), ref.shape)
-        raise _Failure("values", f"{prefix}wrong values at {int(bad.sum())} of {ref.numel()} positions: "
-                       f"largest error {err.max().item():.3g} at index {first} (got "
-                       f"{_fmt(out[first].item())}, expected {_fmt(ref[first].item())})")
-
-
-def _compare_scalar(out: Any, ref: Any, exercise: Exercise, prefix: str) -> None:
-    """Python numbers (e.g. a byte count): ints and bools exactly, floats with the tolerances."""
-    if isinstance(ref, bool) or isinstance(ref, int):
-        ok_type = type(out) is type(ref)
-        if not ok_type:
-            raise _Failure("type", f"{prefix}returned {_describe_type(out)}; expected a Python "
-                           f"{type(ref).__name__}")
-        if out != ref:
-            raise _Failure("values", f"{prefix}got {out}, expected {ref}")
-        return
-    if isinstance(ref, float):
-        if not isinstance(out, (float, int)) or isinstance(out, bool):
-            raise _Failure("type", f"{prefix}returned {_describe_type(out)}; expected a Python float")
-        if not math.isclose(out, ref, rel_tol=exercise.rtol, abs_tol=exercise.atol):
-            raise _Failure("values", f"{prefix}got {out!r}, expected {ref!r}")
-        return
-    if out != ref:
-        raise _Failure("values", f"{prefix}got {out!r}, expected {ref!r}")
-
-
-def _matches(out: Any, candidate: Any, reference: Any, exact: Any, case: Case, exercise: Exercise) -> bool:
-    """Whether ``out`` is (to the case's tolerance) the same as a mistake's output."""
-    if isinstance(candidate, (tuple, list)):
-        if not isinstance(out, (tuple, list)) or len(out) != len(candidate):
-            return False
-        refs = reference if isinstance(reference, (tuple, list)) and len(reference) == len(candidate) \
-            else [None] * len(candidate)
-        exacts = exact if isinstance(exact, (tuple, list)) else [None] * len(candidate)
-        return all(_matches(o, c, r, e, case, exercise) for o, c, r, e in zip(out, candidate, refs, exacts))
-    if not isinstance(candidate, Tensor):
-        try:
-            _compare_scalar(out, candidate, exercise, "")
-            return True
-        except _Failure:
-            return False
-    if not isinstance(out, Tensor) or out.shape != candidate.shape or out.dtype != candidate.dtype:
-        return False
-    out, candidate = out.detach(), candidate.detach().to(out.device)
-    if not (candidate.is_floating_point() or candidate.is_complex()):
-        return bool(torch.equal(out, candidate))
-    if out.numel() == 0:
-        return True
-    err = _abs_err(out, candidate)
-    if case.low_precision and isinstance(reference, Tensor) and isinstance(exact, Tensor) \
-            and reference.shape == exact.shape:
-        allowed = 2 * _abs_err(reference, exact).max().item() + LOW_PRECISION_FLOOR
-        return err.max().item() <= allowed
-    return bool((err <= _tolerance(candidate, exercise)).all())
-
-
 def _expected(exercise: Exercise, case: Case) -> tuple[Any, Any]:
     """The reference's output on ``case`` and, for low-precision cases, in float64."""
     ref = call(exercise, exercise.reference, case)
@@ -701,7 +443,7 @@ def _sentence(text: str) -> str:
 
 def _section_of(exercise: Exercise) -> str:
     """The exercise's section as an address on the course site, for "See ..."."""
-    return section_url(exercise.section) if exercise.section else "the chapter of this exercise"
+    return site.section_url(exercise.section) if exercise.section else "the chapter of this exercise"
 
 
 def judge(exercise: Exercise, case: Case, output: Any) -> CaseResult:
@@ -717,13 +459,13 @@ def judge(exercise: Exercise, case: Case, output: Any) -> CaseResult:
         exercise = _get(exercise)
     ref, exact = _expected(exercise, case)
     try:
-        _compare(output, ref, exact, case, exercise, "")
-    except _Failure as failure:
+        compare._compare(output, ref, exact, case, exercise, "")
+    except compare._Failure as failure:
         return CaseResult(case.name, False, _explain(exercise, case, output, ref, exact, failure))
     return CaseResult(case.name, True, "")
 
 
-def _explain(exercise: Exercise, case: Case, output: Any, ref: Any, exact: Any, failure: _Failure) -> str:
+def _explain(exercise: Exercise, case: Case, output: Any, ref: Any, exact: Any, failure: compare._Failure) -> str:
     """The failure message: a recognised mistake first, else the raw comparison."""
     for mistake in exercise.mistakes:
         if mistake.changes_input:  # recognised by the call itself (:func:`call`), not by an output
@@ -732,9 +474,9 @@ def _explain(exercise: Exercise, case: Case, output: Any, ref: Any, exact: Any, 
             candidate = _detach(_run_mistake(exercise, mistake, case))
         except Exception:  # a mistake that cannot run on this case does not match it
             continue
-        if _matches(output, candidate, ref, exact, case, exercise):
+        if compare._matches(output, candidate, ref, exact, case, exercise):
             return (f"Looks like {mistake.name}: {_sentence(mistake.explanation)} See "
-                    f"{section_url(mistake.section)}.\n"
+                    f"{site.section_url(mistake.section)}.\n"
                     f"({failure.message})")
     return f"{_sentence(failure.message)} See {_section_of(exercise)}."
 
