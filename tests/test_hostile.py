@@ -1007,12 +1007,14 @@ def test_run_guard_in_process() -> None:
 
     import attnlib
     from attnlib.grading import EXERCISES, child
+    from attnlib.grading import guard as guard_mod
+    from attnlib.grading import watcher as watcher_mod
 
     exercises = [("softmax", "softmax"), ("causal_mask", "causal_mask"),
                  ("scaled_dot_product_attention", "scaled_dot_product_attention")]
-    watchers = {k: child.CallWatcher(EXERCISES[e].forbidden, child._SENTINELS) for k, (e, _) in enumerate(exercises)}
+    watchers = {k: watcher_mod.CallWatcher(EXERCISES[e].forbidden, child._SENTINELS) for k, (e, _) in enumerate(exercises)}
     with tempfile.TemporaryDirectory() as grader:
-        guard = child.RunGuard(watchers, grader, exercises)
+        guard = guard_mod.RunGuard(watchers, grader, exercises)
     assert {k for k, _ in guard.codes[attnlib.softmax.__code__]} == {0, 1, 2}
     assert not any(f.endswith("_validate.py") for f in guard.files)  # the stubs' input checks
     source = os.path.realpath(attnlib.attention.__file__)
@@ -1025,10 +1027,10 @@ def test_run_guard_in_process() -> None:
     assert [k for k in (0, 1, 2) if not guard._elsewhere(k, sdpa)] == [2]
     assert [k for k in (0, 1, 2) if not guard._elsewhere(k, attnlib.attention_weights.__code__)] == [0, 1, 2]
     # the exercises' public helpers may be called, the rest of their code is the answer key
-    assert EXERCISES["softmax"].make_cases.__code__ in child._ENTRY_CODES
+    assert EXERCISES["softmax"].make_cases.__code__ in watcher_mod._ENTRY_CODES
     from attnlib.grading.exercises import ch02_queries_keys_values as ch02
-    assert ch02._softmax.__code__ not in child._ENTRY_CODES
-    assert ch02.__file__ in child._EXERCISE_FILES
+    assert ch02._softmax.__code__ not in watcher_mod._ENTRY_CODES
+    assert ch02.__file__ in watcher_mod._EXERCISE_FILES
 
 
 def test_root_without_user_namespaces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1058,9 +1060,10 @@ def test_root_without_user_namespaces(tmp_path: Path, monkeypatch: pytest.Monkey
 def _watched(forbidden: tuple[str, ...], fn: Callable[[], Any]) -> str | None:
     """Run ``fn`` under a watcher for ``forbidden``; the watcher's verdict."""
     from attnlib.grading import child
+    from attnlib.grading import watcher as watcher_mod
     from attnlib.grading.core import ForbiddenCallError
 
-    watcher = child.CallWatcher(forbidden, child._SENTINELS)
+    watcher = watcher_mod.CallWatcher(forbidden, child._SENTINELS)
     watcher.arm()
     try:
         fn()
@@ -1114,6 +1117,7 @@ def test_watcher_spares_the_exercises_own_checks(tmp_path: Path) -> None:
     import torch
 
     from attnlib.grading import child
+    from attnlib.grading import watcher as watcher_mod
 
     module_path = tmp_path / "exercises_fake.py"
     module_path.write_text(textwrap.dedent("""
@@ -1130,7 +1134,7 @@ def test_watcher_spares_the_exercises_own_checks(tmp_path: Path) -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     x = torch.randn(2, 3)
-    watcher = child.CallWatcher(("attnlib",), child._SENTINELS)
+    watcher = watcher_mod.CallWatcher(("attnlib",), child._SENTINELS)
     watcher.exempt_files = watcher.exempt_files | {str(module_path)}
 
     def run(student: Callable) -> str | None:
@@ -1156,15 +1160,16 @@ def test_watcher_spares_every_chapter_module_and_nothing_of_its_own() -> None:
     import sys
 
     from attnlib.grading import child, exercises
+    from attnlib.grading import watcher as watcher_mod
 
-    watcher = child.CallWatcher(("attnlib",), child._SENTINELS)
+    watcher = watcher_mod.CallWatcher(("attnlib",), child._SENTINELS)
     modules = [sys.modules[f"{exercises.__name__}.{name}"] for name in exercises.CHAPTER_MODULES]
     assert len(modules) >= 11
     files = {os.path.abspath(m.__file__) for m in modules} | {os.path.abspath(exercises.__file__)}
     missing = files - watcher.exempt_files
     assert not missing, f"exercise modules the watcher would blame for the learner: {missing}"
     grading_dir = os.path.dirname(os.path.abspath(child.__file__))
-    for own in ("core.py", "child.py", "runner.py", "supervisor.py", "report.py", "protocol.py", "notebook.py",
+    for own in ("core.py", "child.py", "watcher.py", "guard.py", "steps.py", "runner.py", "supervisor.py", "report.py", "protocol.py", "notebook.py",
                 "sandbox.py", "__init__.py", "compare.py", "site.py", "summary.py", "stopping.py"):
         assert os.path.join(grading_dir, own) not in watcher.exempt_files, own
 
@@ -1213,17 +1218,32 @@ def test_the_grader_code_guard_covers_every_module_the_child_runs() -> None:
         chapter._causal_cases = cases
     assert changed == [f"{chapter.__name__}._causal_cases"], changed
 
+    # a function the guard imported from the watcher, replaced under the guard's own name, too
+    from attnlib.grading import guard as guard_mod
+
+    intact = {k: v for k, v in child._snapshot().items() if k.startswith(guard_mod.__name__ + ".")}
+    origin = guard_mod._origin
+    try:
+        guard_mod._origin = lambda frame, reads=False: None
+        changed = child._restore(intact)
+        assert guard_mod._origin is origin
+    finally:
+        guard_mod._origin = origin
+    assert changed == [f"{guard_mod.__name__}._origin"], changed
+
 def test_watcher_notices_being_switched_off() -> None:
     import torch
 
     from attnlib.grading import child
+    from attnlib.grading import guard as guard_mod
+    from attnlib.grading import watcher as watcher_mod
 
-    watcher = child.CallWatcher(("torch.softmax",), child._SENTINELS)
-    child._watchers.append(watcher)
+    watcher = watcher_mod.CallWatcher(("torch.softmax",), child._SENTINELS)
+    guard_mod._watchers.append(watcher)
     try:
         watcher.arm()
         try:
-            child._guarded_setprofile(None)
+            guard_mod._guarded_setprofile(None)
         finally:
             watcher.disarm()
         assert "call watcher" in watcher.message()
@@ -1241,7 +1261,7 @@ def test_watcher_notices_being_switched_off() -> None:
         assert watcher.lost and watcher.message() is None  # switched off by the RecursionError
         assert torch.softmax is not None
     finally:
-        child._watchers.remove(watcher)
+        guard_mod._watchers.remove(watcher)
 
 
 def test_course_under_a_scratch_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

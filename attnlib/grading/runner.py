@@ -201,7 +201,7 @@ def _explore_cells(nb: dict, src_nb: dict | None) -> set[int]:
     whose id ends in ``-explore`` in the source notebook (without one, in the submission), found
     in the submission by that id or, where ids were lost (nbformat 4.0), by their code. They
     call attnlib on purpose (yours beside the reference's); since the whole run is watched
-    (no call of the reference anywhere, see :class:`attnlib.grading.child.RunGuard`), running
+    (no call of the reference anywhere, see :class:`attnlib.grading.guard.RunGuard`), running
     them would fail the exercises. Leaving a cell out can only cost its author: what the
     grader judges comes from the other cells."""
     marked = nb if src_nb is None else src_nb
