@@ -30,10 +30,12 @@ c.ClearSolutions.end_solution_delimeter = "END SOLUTION"
 c.ClearHiddenTests.begin_test_delimeter = "BEGIN HIDDEN TESTS"
 c.ClearHiddenTests.end_test_delimeter = "END HIDDEN TESTS"
 
-# Autograding: put back any graded (test) cell a learner deleted, and stop a notebook that
-# runs too long (the slowest hidden case takes well under a second).
+# Autograding: put back any graded (test) cell a learner deleted, and stop a cell that runs
+# too long: as long as `attnlib grade` gives a whole notebook (DEFAULT_TIMEOUT in
+# attnlib/grading/protocol.py; a test checks they agree). Each case has its own limit besides,
+# which the test cells apply (`check()`).
 c.OverwriteCells.add_missing_cells = True
-c.Execute.timeout = 120
+c.Execute.timeout = 300
 
 # `nbgrader zip_collect`: files downloaded from a learning platform go in
 # downloaded/<assignment>/archive/ (loose or in .zip archives), each named

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import attnlib
+from attnlib.grading.protocol import CASE_TIME_MULTIPLE, DEFAULT_STEP_TIMEOUT, DEFAULT_TIMEOUT
 
 
 def _selfcheck_cases() -> list[tuple[str, Callable[[], float]]]:
@@ -68,8 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     grade = commands.add_parser("grade", help="grade an exercise notebook (its code runs in a child process)")
     grade.add_argument("notebook", metavar="PATH.ipynb", help="the notebook to grade")
     grade.add_argument("--json", action="store_true", help="print the result as JSON")
-    grade.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
-                       help="wall-clock limit for running the notebook's code (default: 120)")
+    grade.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                       help=f"wall-clock limit for running the notebook's code (default: {DEFAULT_TIMEOUT:g}; "
+                            f"each cell also gets at most {DEFAULT_STEP_TIMEOUT:g} s, each graded case "
+                            f"{CASE_TIME_MULTIPLE} times the reference's time on it, and at least "
+                            f"{DEFAULT_STEP_TIMEOUT:g} s)")
     grade.add_argument("--source", metavar="PATH",
                        help="the source notebook with the grade cells and hidden tests (default: "
                             "solutions/<assignment>/<same name> in the course repository, if any)")
@@ -84,8 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     klass.add_argument("--source", default="solutions", help="the source directory (default: solutions)")
     klass.add_argument("--out", default="graded", help="where results go, under the root (default: graded)")
     klass.add_argument("--jobs", "-j", type=int, default=None, help="submissions graded at once (default: every core)")
-    klass.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
-                       help="wall-clock limit per notebook (default: 120)")
+    klass.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                       help=f"wall-clock limit per notebook (default: {DEFAULT_TIMEOUT:g}; cells and cases have "
+                            "their own limits, as for attnlib grade)")
     klass.add_argument("--student", action="append", dest="students", metavar="ID",
                        help="grade only this student (repeatable)")
     klass.add_argument("--gradebook", action="store_true",

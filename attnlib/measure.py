@@ -173,5 +173,11 @@ class ShapeRecorder(TorchDispatchMode):
     def quadratic(self, L: int, S: int | None = None) -> list[tuple[int, ...]]:
         """Shapes whose two trailing dims are both at least ``min(L, S)``: a score matrix,
         whole or in disguise. Tiles smaller than that pass."""
-        n = min(L, L if S is None else S)
-        return [s for s in self.shapes if len(s) >= 2 and s[-1] >= n and s[-2] >= n]
+        return quadratic_shapes(self.shapes, L, S)
+
+
+def quadratic_shapes(shapes: list[tuple[int, ...]], L: int, S: int | None = None) -> list[tuple[int, ...]]:
+    """The ``shapes`` whose two trailing dims are both at least ``min(L, S)`` (see
+    :meth:`ShapeRecorder.quadratic`)."""
+    n = min(L, L if S is None else S)
+    return [s for s in shapes if len(s) >= 2 and s[-1] >= n and s[-2] >= n]

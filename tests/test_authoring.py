@@ -69,6 +69,22 @@ def test_the_registry_holds_exactly_the_exercises_of_the_authoring_modules():
 
 
 @pytest.mark.parametrize("assignment", list(CHAPTERS))
+def test_every_exercise_has_a_slow_solution_that_passes_in_process(assignment):
+    """Each exercise's ``slow`` solution (issue 12: loops where a learner would write loops) is
+    there, in the solution's form, renders into a notebook, and passes the visible and hidden
+    cases with ``check()`` (``tests/test_course.py`` grades it with both graders)."""
+    from attnlib.grading import check
+
+    for ex in CHAPTERS[assignment].EXERCISES:
+        assert ex.slow is not None, f"{ex.id}: no slow solution (Exercise.slow)"
+        assert ex.slow is not ex.solution and isinstance(ex.slow, type) == isinstance(ex.solution, type), ex.id
+        assert builder.solution_cell_source(ex, slow=True) != builder.solution_cell_source(ex), ex.id
+        check(ex.id, ex.slow)
+        check(ex.id, ex.slow, hidden=True)
+    builder.build_notebook(assignment, slow=True)
+
+
+@pytest.mark.parametrize("assignment", list(CHAPTERS))
 def test_explore_functions_run_with_the_solutions(assignment):
     """An authoring module works as its solution notebook does: every explore function runs,
     calling the module's solutions where the notebook calls the learner's code."""
@@ -214,6 +230,15 @@ def explore_local_mask() -> None:
     print("equal to attnlib's:", torch.equal(local_mask(5, 2), attnlib.local_mask(5, 2)))
 
 
+# Slow: loops over the queries i and the keys j, one entry at a time.
+def slow_local_mask(L: int, width: int) -> Tensor:
+    mask = torch.zeros(L, L, dtype=torch.bool)
+    for i in range(L):
+        for j in range(L):
+            mask[i, j] = abs(i - j) < width
+    return mask
+
+
 EXERCISES.append(Exercise(
     "local_mask",
     points=2,
@@ -221,6 +246,7 @@ EXERCISES.append(Exercise(
     guide="Return the mask of a window of `width` keys around each query (Chapter 5, section *The maths*).",
     hints=("`torch.arange(L)` twice, as a column and as a row, gives every distance at once.",),
     explore=explore_local_mask,
+    slow=slow_local_mask,
 ))
 '''
 

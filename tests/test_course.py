@@ -1,6 +1,8 @@
 """The instructor's flow, end to end, in throw-away nbgrader course directories.
 
-* every solution notebook scores full marks with ``nbgrader autograde`` (and ``export``);
+* ``nbgrader autograde`` and ``attnlib grade-class`` give the same scores to every notebook of
+  the course as solved, as solved with slow loops, untouched, and (four chapters) with a
+  plausible mistake; the solutions and the slow solutions get full marks from both;
 * a class of four students (all correct, half correct, untouched, all correct with an edited
   test cell) is graded with nbgrader and with ``attnlib grade-class --gradebook``; the
   exported scores agree, nbgrader's feedback shows the hardened grader's verdicts, and
@@ -123,20 +125,82 @@ def source_total(root: Path, assignment: str) -> float:
     return sum(float(_nbg(c)["points"]) for c in nb.cells if _nbg(c).get("grade") and not _nbg(c).get("solution"))
 
 
-# --------------------------------------------------------------------------- every solution, nbgrader
+# --------------------------------------------------------------------------- the two graders agree
+
+#: Plausible mistakes, one per notebook for four chapters: (answer cell, the solution's line, the
+#: learner's). Each fails at least one item; the two graders must fail the same ones.
+MISTAKES = {
+    "02_queries_keys_values": ("softmax-solution", "e = torch.exp(z - peak)", "e = torch.exp(z)"),
+    "05_self_cross_masks": ("causal_mask-solution", "return cols <= rows", "return cols < rows"),
+    "07_positional_encoding": ("apply_rope-solution", "torch.cat((-x2, x1), dim=-1)", "torch.cat((x2, -x1), dim=-1)"),
+    "09_flash_attention": ("flash_attention-solution", "acc = rescale[..., None] * acc + p @ v", "acc = acc + p @ v"),
+}
 
 
-def test_every_solution_scores_full_marks_with_nbgrader(tmp_path):
-    root = new_course(tmp_path / "course", ASSIGNMENTS)
-    for a in ASSIGNMENTS:  # the instructor's own notebooks, submitted as they are
-        submit(root, "reference", a, nbformat.read(str(root / "solutions" / a / f"{a}.ipynb"), as_version=4))
-    nbgrader("autograde", "[0-9][0-9]_*", cwd=root)
-    scores = exported(root)
-    assert sorted(a for _, a in scores) == ASSIGNMENTS
+def _builder():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_exercises", REPO / "tools" / "build_exercises.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def class_of_four_kinds(root: Path) -> dict[tuple[str, str], str]:
+    """Submit, for every assignment, the solution notebook ("solution"), the notebook with every
+    exercise's slow solution ("slow", as ``tools/build_exercises.py`` renders it), the released
+    notebook untouched ("untouched") and, for the chapters of :data:`MISTAKES`, the released
+    notebook filled in with one plausible mistake ("mistaken"); returns (student, assignment) ->
+    what was submitted."""
+    builder = _builder()
+    kinds = {}
     for a in ASSIGNMENTS:
-        score, max_score = scores[("reference", a)]
+        submit(root, "solution", a, nbformat.read(str(root / "solutions" / a / f"{a}.ipynb"), as_version=4))
+        submit(root, "slow", a, builder.build_notebook(a, slow=True))
+        submit(root, "untouched", a, nbformat.read(str(root / "notebooks" / a / f"{a}.ipynb"), as_version=4))
+        kinds.update({("solution", a): "solution", ("slow", a): "slow solutions", ("untouched", a): "untouched"})
+        if a in MISTAKES:
+            grade_id, right, wrong = MISTAKES[a]
+            nb = student_notebook(root, a, None)
+            cell = next(c for c in nb.cells if _nbg(c).get("grade_id") == grade_id)
+            assert cell.source.count(right) == 1, f"{a}: the mistake no longer applies to the solution"
+            cell.source = cell.source.replace(right, wrong)
+            submit(root, "mistaken", a, nb)
+            kinds[("mistaken", a)] = f"{grade_id.removesuffix('-solution')}: {wrong}"
+    return kinds
+
+
+def test_the_two_graders_agree_on_solutions_slow_solutions_mistakes_and_untouched_notebooks(tmp_path):
+    """Every notebook of the course, four kinds of submission, graded by ``nbgrader autograde``
+    (tests in the learner's kernel) and by ``attnlib grade-class`` (sandboxed child, per-case time
+    limits): the same score for each, full marks for the solutions and the slow solutions, 0 for
+    the untouched notebooks, less than full marks for the mistakes. Their differences, documented
+    in the README, are cheats and sandbox faults, none of which is among these."""
+    root = new_course(tmp_path / "course", ASSIGNMENTS)
+    kinds = class_of_four_kinds(root)
+    nbgrader("autograde", "[0-9][0-9]_*", cwd=root)
+    by_nbgrader = exported(root)
+    by_attnlib: dict[tuple[str, str], tuple[float, float]] = {}
+    for a in ASSIGNMENTS:
+        attnlib_cli("grade-class", a, "--no-progress", cwd=root)
+        with open(root / "graded" / f"{a}.csv") as f:
+            by_attnlib.update({(r["student"], a): (float(r["score"]), float(r["max_score"]))
+                               for r in csv.DictReader(f)})
+    rows = ["| submission | notebook | nbgrader autograde | attnlib grade-class |", "|---|---|---|---|"]
+    for (student, a), kind in sorted(kinds.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        nbg, hardened = by_nbgrader[(student, a)], by_attnlib[(student, a)]
+        rows.append(f"| {kind} | {a} | {nbg[0]:g}/{nbg[1]:g} | {hardened[0]:g}/{hardened[1]:g} |")
+    table = "\n".join(rows)
+    print(table)
+    for (student, a) in kinds:
+        score, max_score = by_nbgrader[(student, a)]
         assert max_score == source_total(root, a) > 0, a
-        assert score == max_score, f"{a}: nbgrader gave the solution {score}/{max_score}"
+        assert by_attnlib[(student, a)] == (score, max_score), f"the graders disagree:\n{table}"
+        expected = {"solution": max_score, "slow": max_score, "untouched": 0.0}.get(student)
+        if expected is None:
+            assert score < max_score, f"{student} {a}: a mistake that passed\n{table}"
+        else:
+            assert score == expected, f"{student} {a}\n{table}"
 
 
 # --------------------------------------------------------------------------- three students

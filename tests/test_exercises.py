@@ -350,7 +350,7 @@ def test_guidance_names_sections_that_exist_in_the_chapter():
         assert cited and not missing, (assignment, missing)
 
 
-def test_nbgrader_config_uses_the_graders_hidden_test_markers():
+def test_nbgrader_config_uses_the_graders_hidden_test_markers_and_time_limit():
     """The markers are written once, in attnlib.grading.notebook; nbgrader's configuration (which
     removes the hidden tests on release) must name the same ones."""
     from traitlets.config import Config
@@ -363,3 +363,7 @@ def test_nbgrader_config_uses_the_graders_hidden_test_markers():
     begin, end = (marker.lstrip("#").strip() for marker in HIDDEN_BLOCK)
     assert config.ClearHiddenTests.begin_test_delimeter == begin
     assert config.ClearHiddenTests.end_test_delimeter == end
+    # a test cell under nbgrader gets as long as a whole notebook under attnlib grade
+    from attnlib.grading.protocol import DEFAULT_TIMEOUT
+
+    assert config.Execute.timeout == DEFAULT_TIMEOUT

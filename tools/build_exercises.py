@@ -54,6 +54,7 @@ if str(REPO) not in sys.path:  # run as a script: import the repository's attnli
 
 from attnlib.grading import EXERCISES  # noqa: E402
 from attnlib.grading.notebook import HIDDEN_BLOCK  # noqa: E402
+from attnlib.grading.protocol import CASE_TIME_MULTIPLE, DEFAULT_STEP_TIMEOUT  # noqa: E402
 from tools.exercises import Exercise, chapters  # noqa: E402
 
 SOURCE_DIR = "solutions"
@@ -235,28 +236,33 @@ def class_stub(ref, bodies: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def solution_cell_source(ex: Exercise) -> str:
-    """The solution cell: the reference's stub around the solution's code, after checking that
-    the solution takes exactly the reference's parameters."""
+def solution_cell_source(ex: Exercise, slow: bool = False) -> str:
+    """The solution cell: the reference's stub around the solution's code (``slow``: the slow
+    solution's, see :class:`tools.exercises.Exercise`), after checking that the solution takes
+    exactly the reference's parameters."""
     ref = EXERCISES[ex.id].reference
-    if isinstance(ex.solution, type):
-        if ex.solution.__name__ != ex.object_name or not issubclass(ex.solution, ref):
-            raise TypeError(f"{ex.id}: the solution must be a subclass of attnlib.{ref.__name__} "
-                            f"named {ex.object_name}, got {ex.solution!r}")
-        methods = _methods(ex.solution)
+    solution = ex.slow if slow else ex.solution
+    if solution is None:
+        raise ValueError(f"{ex.id}: no slow solution (Exercise.slow)")
+    if isinstance(solution, type):
+        name = f"Slow{ex.object_name}" if slow else ex.object_name
+        if solution.__name__ != name or not issubclass(solution, ref):
+            raise TypeError(f"{ex.id}: the {'slow ' if slow else ''}solution must be a subclass of "
+                            f"attnlib.{ref.__name__} named {name}, got {solution!r}")
+        methods = _methods(solution)
         if not methods:
-            raise TypeError(f"{ex.id}: the solution class {ex.object_name} defines no method")
+            raise TypeError(f"{ex.id}: the solution class {name} defines no method")
         pairs = [(f"{ex.object_name}.{name}", fn, getattr(ref, name, None)) for name, fn in methods.items()]
     else:
-        pairs = [(ex.id, ex.solution, ref)]
+        pairs = [(ex.id, solution, ref)]
     for name, fn, reference in pairs:
         if reference is None or _parameters(fn) != _parameters(reference):
             raise TypeError(f"{name}: the solution's parameters must be the reference's, "
                             f"{inspect.signature(reference) if reference else 'no such reference'}; "
                             f"got {inspect.signature(fn)}")
-    if isinstance(ex.solution, type):
-        return class_stub(ref, {name: body_source(fn) for name, fn in _methods(ex.solution).items()})
-    return function_stub(ref, body_source(ex.solution))
+    if isinstance(solution, type):
+        return class_stub(ref, {name: body_source(fn) for name, fn in _methods(solution).items()})
+    return function_stub(ref, body_source(solution))
 
 
 def test_source(ex_id: str, obj_name: str) -> str:
@@ -293,8 +299,11 @@ def explore_source(explore, learner_objects: dict[str, tuple[str, list[str]]]) -
                                 f"    print({json.dumps(message)})"])
 
 
-def _solution_functions(ex: Exercise) -> list:
-    return list(_methods(ex.solution).values()) if isinstance(ex.solution, type) else [ex.solution]
+def _solution_functions(ex: Exercise, slow: bool = False) -> list:
+    solution = ex.slow if slow else ex.solution
+    if solution is None:
+        return []
+    return list(_methods(solution).values()) if isinstance(solution, type) else [solution]
 
 
 def learner_objects(exercises: list[Exercise]) -> dict[str, tuple[str, list[str]]]:
@@ -343,18 +352,22 @@ def chapter_title(assignment: str, root: Path = REPO) -> str:
 
 
 def _check_names(assignment: str, module: ModuleType, objects: dict) -> None:
-    """Every global name a solution or explore function reads exists in the notebook."""
+    """Every global name a solution (the slow one too) or explore function reads exists in the
+    notebook."""
     namespace: dict = {}
     exec(compile(BASE_IMPORTS + module.IMPORTS, f"<{assignment} imports>", "exec"), namespace)
     for ex in module.EXERCISES:
-        for fn in _solution_functions(ex) + ([ex.explore] if ex.explore else []):
+        explore = [ex.explore] if ex.explore else []
+        for fn in _solution_functions(ex) + _solution_functions(ex, slow=True) + explore:
             missing = [n for n in _free_names(fn) if n not in namespace and n not in objects]
             if missing:
                 raise NameError(f"{assignment}: {fn.__qualname__} uses {missing}, which the notebook "
                                 f"does not define (add the import to IMPORTS in {module.__name__})")
 
 
-def build_notebook(assignment: str) -> nbformat.NotebookNode:
+def build_notebook(assignment: str, slow: bool = False) -> nbformat.NotebookNode:
+    """The solution notebook of ``assignment`` (``slow``: with the slow solutions in the
+    solution cells, as a learner who wrote loops would submit it; used by the tests)."""
     module = CHAPTERS[assignment]
     number = int(assignment[:2])
     title = chapter_title(assignment)
@@ -392,7 +405,13 @@ each test cell is worth its points only if every case passes. The *explore* cell
 graded (the grader does not run them): they put your result next to the reference. Write
 plain torch: when the notebook is graded, calling attnlib's version or PyTorch's built-in
 version of what an exercise asks you to write, anywhere outside the test and explore cells
-(even in a cell of your own, even through `check`), fails that exercise."""
+(even in a cell of your own, even through `check`), fails that exercise.
+
+**Time limits.** Each graded case may take the larger of {DEFAULT_STEP_TIMEOUT:g} s and
+{CASE_TIME_MULTIPLE} times the reference's own time on it (the test cells measure it too, and the
+grader stops a call at its limit); each of your own cells may take {DEFAULT_STEP_TIMEOUT:g} s.
+Loops are fine: every exercise here has also been solved with Python loops over rows, heads
+or single numbers, and the course's tests check that those solutions get full marks."""
 
     imports = BASE_IMPORTS + (module.IMPORTS.strip("\n") + "\n" if module.IMPORTS.strip() else "")
     cells = [
@@ -410,7 +429,7 @@ version of what an exercise asks you to write, anywhere outside the test and exp
             cells.append(_cell("markdown", text, f"{gid}-guide"))
         if obj not in done_objects:
             done_objects.add(obj)
-            cells.append(_cell("code", solution_cell_source(ex), f"{grade_id(obj)}-solution",
+            cells.append(_cell("code", solution_cell_source(ex, slow), f"{grade_id(obj)}-solution",
                                nbgrader_fields(grade=False, grade_id=f"{grade_id(obj)}-solution",
                                                locked=False, solution=True)))
         cells.append(_cell("code", test_source(ex.id, obj), f"test_{gid}",

@@ -10,14 +10,17 @@ parent. ``GRADER_DIR`` holds:
   cells to ``skip`` (they crashed or hung an earlier attempt), the exercises to call with the
   learner's object name for each, ``start`` (the first exercise to grade: a restarted child
   resumes after the one that crashed the previous attempt), ``step_timeout`` (seconds for one
-  cell or one case), ``output_limit`` (bytes one cell or case may print) and
-  ``memory_limit`` (bytes, or ``null``);
+  cell, and the least one case gets: see :func:`attnlib.grading.protocol.case_limit`),
+  ``output_limit`` (bytes one cell or case may print) and ``memory_limit`` (bytes, or ``null``);
 * ``cases_<k>.pt`` (from the parent): for exercise ``k``, ``{"visible": [...], "hidden":
   [...]}`` of cases as plain dicts (loaded with ``torch.load(weights_only=True)``).
 
 The child writes back, each file atomically (:func:`attnlib.grading.protocol.write_atomic`:
 written then renamed), so that a parent that kills it still finds everything finished before:
 
+* ``reference_times.json``: the reference's time on each case and its extra check, measured
+  before any of the learner's code runs (:func:`_reference_times`); each case's time limit
+  follows from it, and the parent enforces the same limits should the child ignore its alarm;
 * ``progress.json``: a step counter, what runs now (``{"phase": "cell", "cell": 5}``,
   ``{"phase": "case", "k": 0, "which": "hidden", "i": 3}`` or ``"extra"`` for the
   exercise's extra check), the errors of the cells run so far, and ``exit`` when the
@@ -57,6 +60,7 @@ import resource
 import signal
 import sys
 import threading
+import time
 import traceback
 import types
 from typing import Any
@@ -69,14 +73,15 @@ from torch.overrides import TorchFunctionMode  # noqa: E402
 
 from attnlib.grading import EXERCISES, protocol  # noqa: E402
 import attnlib.grading.core as _core  # noqa: E402
-from attnlib.grading.core import Case, _forbid, call  # noqa: E402
+from attnlib.grading.core import Case, _forbid, _seconds, call  # noqa: E402
 from attnlib.grading.guard import (_GUARD, RunGuard, _block_new_processes, _guarded_setprofile,  # noqa: E402
                                    _guarded_threading_setprofile, _purge_linecache, _watchers)
 from attnlib.grading.steps import (_PROGRESS, LimitedStream, OutputLimitExceeded, Progress,  # noqa: E402
                                    StepTimeout, _arm, _disarm, _exit_hook, _write_json, _write_pt)
 from attnlib.grading.watcher import _ROOTS, CallWatcher  # noqa: E402
 
-_load, _open = torch.load, open
+_load, _open, _clock = torch.load, open, time.perf_counter
+_case_limit, _protocol_timeout = protocol.case_limit, protocol.timeout_message
 _real_exit = os._exit
 _add_audit_hook = sys.addaudithook
 _TensorType = Tensor
@@ -146,7 +151,7 @@ def _error(exc: BaseException, step_timeout: float = 0.0, in_cell: bool = False)
     if isinstance(exc, NotImplementedError) and not in_cell:
         return "not implemented yet"
     if isinstance(exc, StepTimeout):
-        return f"did not finish within {step_timeout:g} s (an infinite loop?)"
+        return f"did not finish within {step_timeout:g} s, the time limit of one cell (an infinite loop?)"
     if isinstance(exc, OutputLimitExceeded):
         return f"printed more than {_gib(_output_limit)} (output limit); stopped"
     if isinstance(exc, SystemExit):
@@ -214,13 +219,14 @@ def _run_cells(shell: Any, cells: list[dict], skip: set[int], step_timeout: floa
 # --------------------------------------------------------------------------- graded calls
 
 
-def _call_case(exercise: Any, student: Any, case: Case, watcher: CallWatcher, step_timeout: float,
+def _call_case(exercise: Any, student: Any, case: Case, watcher: CallWatcher, limit: float,
                extra: bool = False, k: int | None = None) -> Any:
-    """One graded call (or the exercise's extra check), under the alarm and the watcher (the
-    whole-run guard hands over to it, for exercise ``k``, and takes over again after)."""
+    """One graded call (or the exercise's extra check), under the alarm (at ``limit`` seconds)
+    and the watcher (the whole-run guard hands over to it, for exercise ``k``, and takes over
+    again after)."""
     guard = _GUARD[0] if _GUARD and k is not None else None
     _purge_linecache()
-    _arm(step_timeout)
+    _arm(limit)
     try:
         with _forbid(exercise.forbidden):
             if guard is not None:
@@ -243,9 +249,42 @@ _LOST = ("the grader's call watcher stopped during this call (a very deep recurs
          "switched off): its result cannot be trusted")
 
 
+def _reference_times(grader_dir: str, exercises: list[tuple[str, str]], start: int) -> dict[int, dict]:
+    """The reference's time on every case of the exercises from ``start`` on (``[call, extra
+    check]`` seconds per case, by set), measured here before any of the learner's code runs: in
+    the same process, with the same thread count and on the same machine as the learner's calls.
+    Written to ``reference_times.json``, where a restarted child and the parent read them."""
+    path = os.path.join(grader_dir, protocol.REFERENCE_TIMES)
+    known: dict[int, dict] = {}
+    try:
+        with _open(path) as f:
+            known = {int(k): v for k, v in json.load(f).items()}
+    except (OSError, ValueError, AttributeError):
+        pass
+    for k, (exercise_id, _) in enumerate(exercises):
+        exercise = EXERCISES.get(exercise_id)
+        if k < start or k in known or exercise is None:
+            continue
+        cases = _load(os.path.join(grader_dir, protocol.cases_file(k)), weights_only=True)
+        known[k] = {}
+        for which in ("visible", "hidden"):
+            known[k][which] = []
+            for fields in cases.get(which, []):
+                case = Case(**fields)
+                ref = exercise.reference
+                extra = exercise.extra_check
+                known[k][which].append([_seconds(lambda: call(exercise, ref, case)),
+                                        _seconds(lambda: extra(ref, case)) if extra is not None else 0.0])
+    _write_json(path, {str(k): v for k, v in known.items()})
+    return known
+
+
 def _grade_exercise(k: int, exercise_id: str, name: str, namespace: dict, step_timeout: float,
                     grader_dir: str, progress: Progress, watcher: CallWatcher, counter: list[int],
-                    restore: Any = lambda: None) -> None:
+                    restore: Any = lambda: None, reference: dict | None = None) -> None:
+    """Every case of exercise ``k``, each under its own time limit: ``step_timeout`` or, if
+    larger, :data:`~attnlib.grading.protocol.CASE_TIME_MULTIPLE` times the ``reference``'s
+    time on it (see :func:`_reference_times`)."""
     status = os.path.join(grader_dir, protocol.status_file(k))
     exercise = EXERCISES.get(exercise_id)
     if exercise is None:
@@ -261,8 +300,11 @@ def _grade_exercise(k: int, exercise_id: str, name: str, namespace: dict, step_t
     student = namespace[name]
     cases = _load(os.path.join(grader_dir, protocol.cases_file(k)), weights_only=True)
     stopped = ""  # why the remaining cases are not run (a hang, too much output, no memory)
+    ended, slowest = 0, 0.0  # the calls that returned (or raised), the longest of them
     for which in ("visible", "hidden"):
+        times = (reference or {}).get(which) or []
         for i, fields in enumerate(cases.get(which, [])):
+            ref_call, ref_extra = times[i] if i < len(times) else (0.0, 0.0)
             path = os.path.join(grader_dir, protocol.output_file(k, which, i))
             if stopped:
                 _write_pt(path, {"kind": "error", "message": f"not run: an earlier case {stopped}",
@@ -273,8 +315,13 @@ def _grade_exercise(k: int, exercise_id: str, name: str, namespace: dict, step_t
             restore()
             progress.set(phase=protocol.CASE, k=k, which=which, i=i)
             counter[0] = 0
+            timed_out = ""
             try:
-                output = _call_case(exercise, student, case, watcher, step_timeout, k=k)
+                timed_out = _protocol_timeout(ref_call, step_timeout, ended, slowest)
+                began = _clock()
+                output = _call_case(exercise, student, case, watcher, _case_limit(ref_call, step_timeout), k=k)
+                entry["seconds"] = took = _clock() - began
+                ended, slowest = ended + 1, max(slowest, took)
                 forbidden = watcher.message() or (_LOST if watcher.lost else None)
                 problem = forbidden or _unsupported(output)
                 if problem:
@@ -284,15 +331,20 @@ def _grade_exercise(k: int, exercise_id: str, name: str, namespace: dict, step_t
                     if exercise.extra_check is not None:
                         progress.set(phase=protocol.EXTRA, k=k, which=which, i=i)
                         counter[0] = 0
+                        timed_out = _protocol_timeout(ref_extra, step_timeout, ended, slowest)
                         try:
-                            extra = _call_case(exercise, student, case, watcher, step_timeout, extra=True, k=k)
+                            extra = _call_case(exercise, student, case, watcher, _case_limit(ref_extra, step_timeout),
+                                               extra=True, k=k)
                             forbidden = watcher.message() or (_LOST if watcher.lost else None)
                             entry["extra"] = forbidden or (None if extra is None else str(extra))
                         except BaseException as exc:  # the learner's code may raise anything
-                            entry["extra"] = watcher.message() or _error(exc, step_timeout)
+                            entry["extra"] = watcher.message() or (timed_out if isinstance(exc, StepTimeout)
+                                                                   else _error(exc, step_timeout))
             except BaseException as exc:  # the learner's code may raise anything (sys.exit too)
-                message = _error(exc, step_timeout)
+                message = timed_out if isinstance(exc, StepTimeout) else _error(exc, step_timeout)
                 entry.update(kind="error", message=watcher.message() or message)
+                if not isinstance(exc, StepTimeout):
+                    ended += 1
                 if isinstance(exc, StepTimeout):
                     stopped = "did not finish in time"
                 elif isinstance(exc, OutputLimitExceeded):
@@ -456,6 +508,7 @@ def main(grader_dir: str) -> int:
     threading.setprofile = _guarded_threading_setprofile
     if _memory_limit:
         _limit_address_space(int(_memory_limit))
+    reference_times = _reference_times(grader_dir, exercises, start)
 
     intact = _snapshot()
 
@@ -498,7 +551,7 @@ def main(grader_dir: str) -> int:
         progress.set(phase=protocol.EXERCISE, k=k)
         restore()
         _grade_exercise(k, exercise_id, name, namespace, step_timeout, grader_dir, progress,
-                        watchers[k], counter, restore)
+                        watchers[k], counter, restore, reference_times.get(k))
     progress.set(phase=protocol.FINISHED)
     _write_json(os.path.join(grader_dir, protocol.DONE), {"done": True})
     try:

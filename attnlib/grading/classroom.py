@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .protocol import DEFAULT_TIMEOUT
 from .stopping import _kill_sandboxes, _Stop
 from .summary import _num, _problems, failure_kind, failures_by_kind, format_summary
 
@@ -453,7 +454,7 @@ def _students(root: Path, assignment: str) -> list[str]:
 
 
 def grade_class(assignment: str, root: str | os.PathLike = ".", source: str = "solutions",
-                out: str = DEFAULT_OUT, jobs: int | None = None, timeout: float = 120.0,
+                out: str = DEFAULT_OUT, jobs: int | None = None, timeout: float = DEFAULT_TIMEOUT,
                 gradebook: bool = False, force: bool = False, students: list[str] | None = None,
                 progress: bool = True, grade_fn: Callable | None = None,
                 grade_kwargs: dict | None = None) -> list[StudentResult]:

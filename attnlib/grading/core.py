@@ -24,6 +24,7 @@ import contextlib
 import importlib
 import inspect
 import textwrap
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import compare, secret, site
+from . import compare, protocol, secret, site
 
 #: The course site's address and the low-precision rule's floor, now in :mod:`.site` and
 #: :mod:`.compare` (the grader calls those modules' functions), importable from here as before.
@@ -556,21 +557,43 @@ def draw_cases(exercise: Exercise, hidden: bool, course_secret: str | None = Non
         return exercise.make_cases(hidden)
 
 
+def _seconds(fn: Callable[[], Any], repeat: int = 2) -> float:
+    """How long ``fn()`` takes, the least of ``repeat`` runs (the first one also pays for what
+    torch sets up on first use); it may raise (a case that checks an error message)."""
+    best = float("inf")
+    for _ in range(repeat):
+        began = time.perf_counter()
+        try:
+            fn()
+        except Exception:
+            pass
+        best = min(best, time.perf_counter() - began)
+    return best
+
+
 def grade_function(exercise_id: str, student: Callable, hidden: bool = False,
-                   course_secret: str | None = None) -> list[CaseResult]:
+                   course_secret: str | None = None,
+                   time_floor: float = protocol.DEFAULT_STEP_TIMEOUT) -> list[CaseResult]:
     """Grade the learner's function (or class) in-process on the visible or hidden cases
     (these drawn with ``course_secret``, if given: see :func:`draw_cases`).
 
     An exception from the learner's code fails the case with ``"raised <Type>: <message>"``
     (``NotImplementedError``: ``"not implemented yet"``; a changed input,
-    :class:`InputModifiedError`: its message alone).
+    :class:`InputModifiedError`: its message alone). A correct call that took longer than the
+    case's time limit (:func:`attnlib.grading.protocol.case_limit`: the larger of ``time_floor``
+    and :data:`~attnlib.grading.protocol.CASE_TIME_MULTIPLE` times the reference's time on the
+    same case, measured here) fails it too, as in ``attnlib grade``, which stops it there.
     """
     exercise = _get(exercise_id)
     results = []
     for case in draw_cases(exercise, hidden, course_secret):
+        reference = exercise.reference
+        ref_seconds = _seconds(lambda: call(exercise, reference, case))
+        began = time.perf_counter()
         try:
             with _forbid(exercise.forbidden):
                 output = call(exercise, student, case)
+            took = time.perf_counter() - began
         except NotImplementedError:
             results.append(CaseResult(case.name, False, "not implemented yet"))
             continue
@@ -581,12 +604,20 @@ def grade_function(exercise_id: str, student: Callable, hidden: bool = False,
             results.append(CaseResult(case.name, False, f"raised {type(exc).__name__}: {exc}"))
             continue
         result = judge(exercise, case, output)
-        if result.passed and exercise.extra_check is not None:
+        if result.passed and took > protocol.case_limit(ref_seconds, time_floor):
+            result = CaseResult(case.name, False, protocol.too_slow_message(took, ref_seconds, time_floor))
+        extra = exercise.extra_check
+        if result.passed and extra is not None:
+            ref_seconds = _seconds(lambda: extra(reference, case))
+            began = time.perf_counter()
             try:
                 with _forbid(exercise.forbidden):
-                    problem = exercise.extra_check(student, case)
+                    problem = extra(student, case)
             except Exception as exc:
                 problem = f"raised {type(exc).__name__}: {exc}"
+            took = time.perf_counter() - began
+            if not problem and took > protocol.case_limit(ref_seconds, time_floor):
+                problem = protocol.too_slow_message(took, ref_seconds, time_floor)
             if problem:
                 result = CaseResult(case.name, False, problem)
         results.append(result)

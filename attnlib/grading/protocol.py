@@ -33,6 +33,9 @@ PROGRESS = "progress.json"  # child -> parent: what runs now (phase, cell or cas
 DONE = "done.json"  # child -> parent: every cell and check ran
 SANDBOX_REPORT = "sandbox.json"  # sandbox -> parent: what was enforced
 EXIT = "exit.json"  # sandbox -> parent: how the child ended (status, code)
+#: child -> parent: the reference's time on each case (and its extra check), measured before
+#: any of the learner's code runs; the time limits follow from it (:func:`case_limit`)
+REFERENCE_TIMES = "reference_times.json"
 PER_ATTEMPT = (PROGRESS, DONE, EXIT, SANDBOX_REPORT)  # cleared before each (re)start
 
 
@@ -69,7 +72,12 @@ CHECK_PHASES = (CASE, EXTRA, EXERCISE)  # phases inside the checks of a pair ``k
 # --------------------------------------------------------------------------- limits
 
 #: Default wall-clock limit (seconds) for all the child processes of one notebook together.
-DEFAULT_TIMEOUT = 120.0
+DEFAULT_TIMEOUT = 300.0
+#: Default time limit (seconds) of one cell, and the least time one graded case may take.
+DEFAULT_STEP_TIMEOUT = 30.0
+#: A graded case may take this many times the reference's own time on it (when that is more
+#: than the step limit): limits scale with the work, so slow but correct loops pass.
+CASE_TIME_MULTIPLE = 1000
 #: Default memory limit of the child (bytes): RLIMIT_DATA, and RLIMIT_AS above what it has
 #: mapped once torch is imported.
 DEFAULT_MEMORY_LIMIT = 4 << 30
@@ -83,6 +91,46 @@ DEFAULT_DISK_LIMIT = 256 << 20
 DEFAULT_MAX_RESTARTS = 5
 #: What the parent reads of a JSON file the child or the sandbox wrote (bytes).
 JSON_LIMIT = 1 << 20
+
+
+
+def case_limit(reference: float, floor: float) -> float:
+    """The time limit (seconds) of one graded call, or of an exercise's extra check: the larger
+    of ``floor`` (the step limit) and :data:`CASE_TIME_MULTIPLE` times the ``reference``'s own
+    time on the same case, as the child measured it before any of the learner's code ran."""
+    return max(floor, CASE_TIME_MULTIPLE * reference)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds * 1000:.3g} ms" if seconds < 1 else f"{seconds:.3g} s"
+
+
+def limit_text(reference: float, floor: float) -> str:
+    """How a case's limit came about, for a person: ``"30 s (the larger of 30 s and 1000 times
+    the reference's 2.1 ms on this case)"``."""
+    return (f"{case_limit(reference, floor):.3g} s (the larger of {floor:g} s and {CASE_TIME_MULTIPLE} times "
+            f"the reference's {_duration(reference)} on this case)")
+
+
+def timeout_message(reference: float, floor: float, returned: int, slowest: float) -> str:
+    """A graded call (or extra check) stopped at its limit: what ran, for how long, the limit;
+    an infinite loop is guessed only when no case of the exercise had returned (``returned``
+    cases had, the ``slowest`` in that many seconds)."""
+    text = f"did not finish within {limit_text(reference, floor)}, this case's time limit, and was stopped"
+    if returned:
+        before = (f"the case before it returned (in {_duration(slowest)})" if returned == 1 else
+                  f"the {returned} cases before it returned (the slowest in {_duration(slowest)})")
+        return (f"{text}; {before}: too slow rather than stuck? Python loops over single numbers are slow, "
+                "loop over rows or tiles instead")
+    return f"{text}; no case of this exercise returned at all: an infinite loop?"
+
+
+def too_slow_message(seconds: float, reference: float, floor: float) -> str:
+    """A graded call that returned, but after its limit (``check()`` in a notebook measures
+    after the fact; the grader's child stops the call at the limit)."""
+    return (f"took {_duration(seconds)}, over this case's time limit of {limit_text(reference, floor)}; "
+            "the grader stops a call there, correct or not")
+
 
 # --------------------------------------------------------------------------- reads and writes
 

@@ -75,6 +75,7 @@ from .protocol import (
     DEFAULT_MAX_RESTARTS,
     DEFAULT_MEMORY_LIMIT,
     DEFAULT_OUTPUT_LIMIT,
+    DEFAULT_STEP_TIMEOUT,
     DEFAULT_TIMEOUT,
 )
 from .report import Report, format_table, print_report
@@ -122,8 +123,11 @@ def grade_notebook(path: str | os.PathLike, source: str | os.PathLike | None = N
     """Grade ``path``; raise :class:`GradingError` only when grading itself cannot run.
 
     ``timeout`` bounds all the child processes together (wall clock); ``step_timeout``
-    (default a quarter of it, at least 1 s) bounds one notebook cell or one case, so that one
-    infinite loop costs only the items that need it. ``find=False`` skips the lookup of the
+    (default 30 s, or a quarter of ``timeout`` if less, at least 1 s) bounds one notebook cell,
+    and one case gets the larger of it and :data:`~attnlib.grading.protocol.CASE_TIME_MULTIPLE`
+    times the reference's time on that case (measured in the child before the notebook's code
+    runs), so that slow but correct loops pass and one infinite loop costs only the items that
+    need it. ``find=False`` skips the lookup of the
     source notebook under ``solutions/``. ``memory_limit`` (bytes, ``None`` for none),
     ``output_limit`` (bytes one cell or case may print), ``file_limit`` (bytes of one file),
     ``disk_limit`` (bytes of files in the private directory) and ``max_restarts`` (fresh
@@ -152,7 +156,7 @@ def grade_notebook(path: str | os.PathLike, source: str | os.PathLike | None = N
     # 4. run the child under supervision
     limits = {"memory": memory_limit, "output": output_limit, "file": file_limit, "disk": disk_limit,
               "cpu": int(math.ceil(timeout)) + 10}
-    step = max(1.0, timeout / 4) if step_timeout is None else float(step_timeout)
+    step = min(DEFAULT_STEP_TIMEOUT, max(1.0, timeout / 4)) if step_timeout is None else float(step_timeout)
     run = _run_child(path, src_path, cells, needed, cases, case_bytes, notes, limits=limits, step=step,
                      timeout=timeout, max_restarts=max_restarts, hide=hide, isolate=isolate)
     # 5. judge each item

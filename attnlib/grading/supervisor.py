@@ -75,7 +75,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -184,6 +184,7 @@ class _Attempt:
     killed: str = ""  # "deadline", "step", "output", "disk" when the parent stopped it
     sandbox: dict = field(default_factory=dict)
     started: bool = False
+    limit: float = 0.0  # the time limit of the step it was running (seconds)
 
 
 def _exited(proc: subprocess.Popen) -> bool:
@@ -292,8 +293,10 @@ def sandbox_config(workdir: Path, notebook: Path, *, root: Path, submission: Pat
     }
 
 
-def _run_attempt(workdir: Path, config: dict, deadline: float, step_timeout: float,
+def _run_attempt(workdir: Path, config: dict, deadline: float, limit_of: Callable[[dict], float],
                  output_limit: int, disk_limit: int, log: _Log) -> _Attempt:
+    """One child process, watched until it ends; ``limit_of(progress)`` is the time limit of the
+    step it is running (a cell, a case: see :meth:`Supervisor.step_limit`)."""
     grader = workdir / "grader"
     protocol.write_atomic(grader / protocol.SANDBOX_CONFIG, json.dumps(config).encode())
     proc = subprocess.Popen([sys.executable, "-I", "-B", str(SANDBOX_SCRIPT), str(grader / protocol.SANDBOX_CONFIG)],
@@ -305,7 +308,7 @@ def _run_attempt(workdir: Path, config: dict, deadline: float, step_timeout: flo
     reader.start()
     step: Any = object()
     step_start = time.monotonic()
-    grace = 1.0 + 0.25 * step_timeout  # the child's own alarm comes first
+    limit = 0.0
     last_disk = time.monotonic()
     killed = ""
     progress: dict = {}
@@ -317,13 +320,14 @@ def _run_attempt(workdir: Path, config: dict, deadline: float, step_timeout: flo
             if progress.get("step") != step:
                 step, step_start = progress.get("step"), now
                 reader.step_bytes = 0
+                limit = limit_of(progress)
             if returncode is not None:
                 break
             if now >= deadline:
                 killed = "deadline"
                 break
             if progress.get("phase") in (protocol.CELL, *protocol.CHECK_PHASES) \
-                    and now - step_start > step_timeout + grace:
+                    and now - step_start > 1.0 + 1.25 * limit:  # the child's own alarm comes first
                 killed = "step"
                 break
             if reader.step_bytes > 2 * output_limit + 65536:
@@ -352,7 +356,7 @@ def _run_attempt(workdir: Path, config: dict, deadline: float, step_timeout: flo
     done = protocol.read_bounded(grader / protocol.DONE, 1024) is not None
     return _Attempt(done, progress if isinstance(progress, dict) else {}, code,
                     sig if isinstance(sig, int) else None, killed, sandbox if isinstance(sandbox, dict) else {},
-                    started=bool(progress))
+                    started=bool(progress), limit=limit)
 
 
 _SIGNALS = {
@@ -367,11 +371,12 @@ _SIGNALS = {
 }
 
 
-def _describe(att: _Attempt, step_timeout: float, limits: dict) -> str:
+def _describe(att: _Attempt, limits: dict) -> str:
     """What ended an attempt, for a person."""
     if att.killed == "step":
-        return (f"the code did not finish within {step_timeout:g} s (an infinite loop?) and ignored the "
-                "interruption: the process was stopped")
+        what = "one cell's" if att.progress.get("phase") == protocol.CELL else "this case's"
+        return (f"the code did not finish within {att.limit:.3g} s, {what} time limit, and ignored the "
+                "interruption (stuck in native code?): the process was stopped")
     if att.killed == "output":
         return (f"the code printed more than {_size(limits['output'])} (the output limit): the process "
                 "was stopped and the rest of the output discarded")
@@ -469,6 +474,7 @@ class Supervisor:
         self.status: dict[int, dict] = {}
         self.faults: dict[int, tuple[str, int | None, str]] = {}  # k -> (which, i, message)
         self.ended = ""  # why the remaining exercises were not graded
+        self._reference_times: dict = {}  # see step_limit
 
     def run(self, config: dict, case_bytes: dict[int, bytes], cells: list[dict], deadline: float,
             timeout: float, max_restarts: int) -> None:
@@ -497,7 +503,7 @@ class Supervisor:
                 self.log.add(f"\n[attnlib grade] attempt {attempt + 1}: a fresh process "
                              f"({'; '.join(what)})\n".encode())
             config = dict(config, isolate=isolate)
-            att = _run_attempt(self.workdir, config, deadline, self.step, self.limits["output"],
+            att = _run_attempt(self.workdir, config, deadline, self.step_limit, self.limits["output"],
                                self.limits["disk"], self.log)
             self.sandbox = att.sandbox or self.sandbox
             if not att.started and not att.killed and isolate and att.sandbox.get("mode") != "none":
@@ -529,7 +535,7 @@ class Supervisor:
             if not att.started:
                 raise GradingError("the grading process could not start: " +
                                    (self.log.text().strip().splitlines() or ["no output"])[-1][:500])
-            message = _describe(att, self.step, self.limits)
+            message = _describe(att, self.limits)
             phase = progress.get("phase")
             if phase == protocol.CELL and isinstance(progress.get("cell"), int):
                 cell = progress["cell"]
@@ -562,6 +568,22 @@ class Supervisor:
                        if i not in self.skip]
         if self.sandbox:
             self.notes.append(_sandbox_note(self.sandbox))
+
+    def step_limit(self, progress: dict) -> float:
+        """The time limit of the step ``progress`` names: a case's (or its extra check's) from
+        the reference's time the child measured before the learner's code ran
+        (:func:`attnlib.grading.protocol.case_limit`), else the step limit."""
+        phase, k, which, i = (progress.get(f) for f in ("phase", "k", "which", "i"))
+        if phase not in (protocol.CASE, protocol.EXTRA):
+            return self.step
+        if not self._reference_times:
+            times = protocol.read_json(self.grader / protocol.REFERENCE_TIMES)
+            self._reference_times = times if isinstance(times, dict) else {}
+        try:
+            seconds = float(self._reference_times[str(k)][which][i][phase == protocol.EXTRA])
+        except (KeyError, IndexError, TypeError, ValueError):
+            return self.step
+        return protocol.case_limit(seconds, self.step) if seconds >= 0 else self.step
 
     def _culprit_exercise(self, progress: dict, start: int) -> int:
         """The exercises fully graded by the attempt that just ended: ``start`` up to this."""

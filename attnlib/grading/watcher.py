@@ -142,13 +142,21 @@ _EXERCISE_FILES = _exercise_files(_GRADING_DIR.rstrip(os.sep))
 def _entry_codes() -> frozenset[types.CodeType]:
     """The exercises' code a notebook may call itself: each exercise's ``make_cases`` (the
     cases are public) and ``build_args`` (arguments from a case), and the input helpers of
-    ``exercises/common.py`` (seeded tensors). Everything else there (the catalogued mistakes,
-    the correct helpers they are built from, the extra checks) is the grader's own answer key."""
+    ``exercises/common.py`` (seeded tensors), and the handlers of the torch modes the extra
+    checks enter (a recorder's ``__torch_function__``: torch calls it at each of the learner's
+    torch calls while the check runs the learner's code). Everything else there (the catalogued
+    mistakes, the correct helpers they are built from, the extra checks) is the grader's own
+    answer key."""
+    from attnlib.grading import exercises
     from attnlib.grading.exercises import common
 
     codes = {getattr(f, "__code__", None) for e in EXERCISES.values() for f in (e.make_cases, e.build_args)}
     codes |= {getattr(getattr(common, n, None), "__code__", None)
               for n in ("randn", "rand_bool", "state_dict", "clone_args")}
+    for name in ("common", *exercises.CHAPTER_MODULES):
+        for obj in vars(sys.modules[f"{exercises.__name__}.{name}"]).values():
+            if isinstance(obj, type):
+                codes |= {getattr(vars(obj).get(n), "__code__", None) for n in _MODE_CALLBACKS}
     codes.discard(None)
     return frozenset(codes)  # type: ignore[arg-type]
 

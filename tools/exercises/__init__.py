@@ -34,7 +34,12 @@ class Exercise:
     the ones the learner writes; the exercises of one class share it); ``guide`` the markdown
     above the solution cell (``None``: the guide of an earlier exercise of the same class covers
     it); ``hints`` one bullet each; ``explore`` an ungraded cell after the test cell: a function
-    whose docstring becomes the cell's opening comment and whose body the cell's code.
+    whose docstring becomes the cell's opening comment and whose body the cell's code;
+    ``slow`` a correct solution written the slow way a learner might (Python loops over the
+    batch, the heads, the positions or the tiles where ``solution`` vectorises), in the same
+    form (for a method, a subclass of the reference named ``Slow<Object>``). It is in no
+    notebook, but the tests grade it with ``attnlib grade`` and with ``nbgrader autograde``:
+    it must get full marks within the grader's time limits.
     """
 
     id: str
@@ -43,6 +48,7 @@ class Exercise:
     guide: str | None = None
     hints: tuple[str, ...] = ()
     explore: Callable[[], None] | None = None
+    slow: Callable | type | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.points, bool) or not isinstance(self.points, int) or self.points < 1:

@@ -57,6 +57,22 @@ def explore_elmanrnn() -> None:
     plt.xlabel("step t"); plt.ylabel("||h_t||"); plt.legend(); plt.show()
 
 
+# Slow: loops over the batch items as well as the time steps: one sequence, and one token
+# vector of it, at a time.
+class SlowElmanRNN(attnlib.ElmanRNN):
+    def forward(self, x: Tensor, h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        B, T, _ = x.shape
+        outputs = x.new_zeros(B, T, self.hidden_size)
+        last = x.new_zeros(B, self.hidden_size)
+        for b in range(B):
+            h = x.new_zeros(self.hidden_size) if h0 is None else h0[b]  # (hidden,)
+            for t in range(T):
+                h = self.activation(self.input_proj(x[b, t]) + self.hidden_proj(h))
+                outputs[b, t] = h
+            last[b] = h
+        return outputs, last  # (B, T, hidden), (B, hidden)
+
+
 # hidden_state_gradient_norms ----------------------------------------------------------
 
 def hidden_state_gradient_norms(model: nn.Module, x: Tensor) -> Tensor:
@@ -91,6 +107,27 @@ def explore_hidden_state_gradient_norms() -> None:
     plt.xlabel("distance T - t"); plt.ylabel("||d h_T / d x_t||"); plt.legend(); plt.show()
 
 
+# Slow: one backward pass per component of h_T (a loop over the hidden units), and the
+# squared entries added up position by position (a loop over t).
+def slow_hidden_state_gradient_norms(model: nn.Module, x: Tensor) -> Tensor:
+    if x.ndim == 2:
+        x = x.unsqueeze(0)  # (1, T, input_size)
+    T = x.size(1)
+    inputs = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        out = model(inputs)
+        out = out[0] if isinstance(out, tuple) else out  # (1, T, hidden)
+        h_T = out[0, -1]  # (hidden,)
+        squares = torch.zeros(T, dtype=inputs.dtype, device=inputs.device)
+        for i in range(h_T.numel()):
+            grad = torch.autograd.grad(h_T[i], inputs, retain_graph=True, allow_unused=True)[0]
+            if grad is None:  # h_T[i] does not depend on the inputs at all
+                continue
+            for t in range(T):
+                squares[t] += grad[0, t].pow(2).sum()  # row i of the block d h_T / d x_t
+    return squares.sqrt()  # (T,)
+
+
 EXERCISES = [
     Exercise(
         "ElmanRNN",
@@ -111,6 +148,7 @@ Return every hidden state, stacked along the time axis, and the last one.""",
             "`torch.nn.RNN` is off limits: the point is to see the loop.",
         ),
         explore=explore_elmanrnn,
+        slow=SlowElmanRNN,
     ),
     Exercise(
         "hidden_state_gradient_norms",
@@ -134,5 +172,6 @@ RNNs, an LSTM and attention layers, all in float64.""",
             "A single backward pass of `h_T.sum()` is not enough: it adds the rows of the Jacobian together before you can take their norm.",
         ),
         explore=explore_hidden_state_gradient_norms,
+        slow=slow_hidden_state_gradient_norms,
     ),
 ]

@@ -52,6 +52,27 @@ def explore_softmax() -> None:
     plt.legend(); plt.xlabel("key"); plt.ylabel("weight"); plt.show()
 
 
+# Slow: a Python loop over the rows (every position of the other axes), each row shifted
+# by its own maximum, exponentiated and normalised on its own.
+def slow_softmax(x: Tensor, dim: int = -1) -> Tensor:
+    work = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    z = x.to(work).movedim(dim, -1)  # the axis of the softmax last
+    n = z.size(-1)
+    rows = z.reshape(math.prod(z.shape[:-1]), n)  # (number of rows, n)
+    out = torch.zeros_like(rows)
+    for r in range(rows.size(0)):
+        row = rows[r]
+        peak = row.max()
+        if not torch.isfinite(peak):  # an all -inf row: shift by 0
+            peak = torch.zeros_like(peak)
+        e = torch.exp(row - peak)
+        total = e.sum()
+        if total == 0:  # an all -inf row: zeros, not NaN
+            total = torch.ones_like(total)
+        out[r] = e / total
+    return out.reshape(z.shape).movedim(-1, dim).to(x.dtype)
+
+
 # scaled_dot_product_attention ---------------------------------------------------------
 
 def scaled_dot_product_attention(
@@ -106,6 +127,68 @@ def explore_scaled_dot_product_attention() -> None:
     plt.title("attention weights (attnlib)"); plt.show()
 
 
+# Slow: Python loops over the batch (every index of the leading axes), the query rows and
+# the keys, one dot product and one mask entry at a time; the softmax then runs on one row
+# of scores, and the output row is a loop adding up weight times value.
+def slow_scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    work = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
+    q, k, v = query.to(work), key.to(work), value.to(work)
+    if enable_gqa and k.size(-3) != q.size(-3):  # query head h reads key/value head h // n_rep
+        n_rep = q.size(-3) // k.size(-3)
+        k = torch.stack([k[..., h // n_rep, :, :] for h in range(q.size(-3))], dim=-3)
+        v = torch.stack([v[..., h // n_rep, :, :] for h in range(q.size(-3))], dim=-3)
+    L, E = q.shape[-2:]
+    S, Ev = v.shape[-2:]
+    if scale is None:
+        scale = 1.0 / math.sqrt(E)
+    score_lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2],
+                                        *([] if attn_mask is None else [attn_mask.shape[:-2]]))
+    lead = torch.broadcast_shapes(score_lead, v.shape[:-2])  # the output's leading axes
+    N = math.prod(lead)
+    q = q.expand(*lead, L, E).reshape(N, L, E)
+    k = k.expand(*lead, S, E).reshape(N, S, E)
+    v = v.expand(*lead, S, Ev).reshape(N, S, Ev)
+    mask = None if attn_mask is None else attn_mask.expand(*lead, L, S).reshape(N, L, S)
+    keep = None
+    if dropout_p > 0.0:  # drawn at once, as for the whole (..., L, S) tensor of weights
+        keep = torch.rand((*score_lead, L, S), generator=generator, device=q.device) >= dropout_p
+        keep = keep.expand(*lead, L, S).reshape(N, L, S)
+    out = torch.zeros(N, L, Ev, dtype=work, device=q.device)
+    for n in range(N):
+        for i in range(L):
+            scores = torch.zeros(S, dtype=work, device=q.device)
+            for j in range(S):
+                s = (q[n, i] * k[n, j]).sum() * scale
+                if is_causal and j > i:  # query i sees keys 0..i
+                    s = torch.full_like(s, float("-inf"))
+                if mask is not None:
+                    if mask.dtype == torch.bool:
+                        if not mask[n, i, j]:
+                            s = torch.full_like(s, float("-inf"))
+                    else:
+                        s = s + mask[n, i, j].to(work)
+                scores[j] = s
+            weights = softmax(scores, dim=-1)  # a fully masked row gives zeros
+            if keep is not None:
+                weights = weights * keep[n, i] / (1.0 - dropout_p)
+            row = torch.zeros(Ev, dtype=work, device=q.device)
+            for j in range(S):
+                row = row + weights[j] * v[n, j]
+            out[n, i] = row
+    return out.reshape(*lead, L, Ev).to(query.dtype)  # (..., L, Ev)
+
+
 EXERCISES = [
     Exercise(
         "softmax",
@@ -127,6 +210,7 @@ and logits of $10^4$ no longer overflow. Two details the naive formula gets wron
             "`torch.softmax`, `F.softmax` and `Tensor.softmax` are off limits.",
         ),
         explore=explore_softmax,
+        slow=slow_softmax,
     ),
     Exercise(
         "scaled_dot_product_attention",
@@ -152,5 +236,6 @@ and *The code*). The conventions, all tested:
             "`F.scaled_dot_product_attention` is off limits; so is attnlib.",
         ),
         explore=explore_scaled_dot_product_attention,
+        slow=slow_scaled_dot_product_attention,
     ),
 ]

@@ -70,6 +70,58 @@ def explore_attention_weights() -> None:
     plt.xlabel("largest weight in the row"); plt.legend(); plt.show()
 
 
+# Slow: Python loops over the batch (every index of the leading axes), the query rows and
+# the keys, one dot product and one mask entry at a time; the stable softmax then runs on
+# one row of scores.
+def slow_attention_weights(
+    query: Tensor,
+    key: Tensor,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> Tensor:
+    work = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
+    q, k = query.to(work), key.to(work)
+    if enable_gqa and k.size(-3) != q.size(-3):  # query head h reads key head h // n_rep
+        n_rep = q.size(-3) // k.size(-3)
+        k = torch.stack([k[..., h // n_rep, :, :] for h in range(q.size(-3))], dim=-3)
+    L, E = q.shape[-2:]
+    S = k.size(-2)
+    if scale is None:
+        scale = 1.0 / math.sqrt(E)
+    lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2],
+                                  *([] if attn_mask is None else [attn_mask.shape[:-2]]))
+    N = math.prod(lead)
+    q = q.expand(*lead, L, E).reshape(N, L, E)
+    k = k.expand(*lead, S, E).reshape(N, S, E)
+    mask = None if attn_mask is None else attn_mask.expand(*lead, L, S).reshape(N, L, S)
+    out = torch.zeros(N, L, S, dtype=work, device=q.device)
+    for n in range(N):
+        for i in range(L):
+            scores = torch.zeros(S, dtype=work, device=q.device)
+            for j in range(S):
+                s = (q[n, i] * k[n, j]).sum() * scale
+                if is_causal and j > i:  # query i sees keys 0..i
+                    s = torch.full_like(s, float("-inf"))
+                if mask is not None:
+                    if mask.dtype == torch.bool:
+                        if not mask[n, i, j]:
+                            s = torch.full_like(s, float("-inf"))
+                    else:
+                        s = s + mask[n, i, j].to(work)
+                scores[j] = s
+            peak = scores.max()
+            if not torch.isfinite(peak):  # every key masked: shift by 0
+                peak = torch.zeros_like(peak)
+            e = torch.exp(scores - peak)
+            total = e.sum()
+            if total == 0:  # every key masked: zero weights, not NaN
+                total = torch.ones_like(total)
+            out[n, i] = e / total
+    return out.reshape(*lead, L, S).to(query.dtype)  # (..., L, S)
+
+
 # attention_entropy --------------------------------------------------------------------
 
 def attention_entropy(weights: Tensor, dim: int = -1) -> Tensor:
@@ -96,6 +148,24 @@ def explore_attention_entropy() -> None:
     plt.xlabel("d_k"); plt.ylabel("mean entropy of a row (nats)"); plt.legend(); plt.show()
 
 
+# Slow: a Python loop over the rows (every position of the other axes) and, inside, over
+# the weights of the row, adding up -p ln p one weight at a time.
+def slow_attention_entropy(weights: Tensor, dim: int = -1) -> Tensor:
+    work = torch.float32 if weights.dtype in (torch.float16, torch.bfloat16) else weights.dtype
+    p = weights.to(work).movedim(dim, -1)  # the axis summed over last
+    n = p.size(-1)
+    rows = p.reshape(math.prod(p.shape[:-1]), n)  # (number of rows, n)
+    out = torch.zeros(rows.size(0), dtype=work, device=p.device)
+    for r in range(rows.size(0)):
+        h = torch.zeros((), dtype=work, device=p.device)
+        for j in range(n):
+            w = rows[r, j]
+            log_w = torch.log(w) if w > 0 else torch.zeros_like(w)  # 0 ln 0 = 0
+            h = h - w * log_w
+        out[r] = h
+    return out.reshape(p.shape[:-1]).to(weights.dtype)
+
+
 EXERCISES = [
     Exercise(
         "attention_weights",
@@ -115,6 +185,7 @@ the query's dtype.""",
             "With `enable_gqa`, key head `h // (H_q / H_kv)` serves query head `h`: `repeat_interleave` on axis -3.",
         ),
         explore=explore_attention_weights,
+        slow=slow_attention_weights,
     ),
     Exercise(
         "attention_entropy",
@@ -133,5 +204,6 @@ dtype.""",
             "`torch.special.entr`, `torch.xlogy` and `torch.distributions.Categorical` are off limits: they handle $0 \\ln 0$ for you.",
         ),
         explore=explore_attention_entropy,
+        slow=slow_attention_entropy,
     ),
 ]

@@ -124,11 +124,107 @@ def explore_multiheadattention_forward() -> None:
     plt.title("which model channels each head receives"); plt.colorbar(); plt.show()
 
 
+# Slow: split_heads and merge_heads copy one head_dim block at a time, in loops over the
+# batch, the heads and the positions; forward runs attention in loops over the batch, the
+# heads, the query positions and the key positions (one dot product, one mask entry and one
+# weighted value at a time).
+class SlowMultiHeadAttention(attnlib.MultiHeadAttention):
+    def split_heads(self, x: Tensor, n_heads: int) -> Tensor:
+        B, L, d = x.shape
+        D = d // n_heads
+        out = x.new_zeros(B, n_heads, L, D)
+        for b in range(B):
+            for h in range(n_heads):
+                for t in range(L):
+                    out[b, h, t] = x[b, t, h * D:(h + 1) * D]  # head h: the h-th block of D channels
+        return out  # (B, H, L, head_dim)
+
+    @staticmethod
+    def merge_heads(x: Tensor) -> Tensor:
+        B, H, L, D = x.shape
+        out = x.new_zeros(B, L, H * D)
+        for b in range(B):
+            for t in range(L):
+                for h in range(H):
+                    out[b, t, h * D:(h + 1) * D] = x[b, h, t]
+        return out  # (B, L, H * head_dim)
+
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+        is_causal: bool = False,
+        kv_cache: KVCache | None = None,
+    ) -> Tensor:
+        source = x if context is None else context
+        B, L, _ = x.shape
+        q = self.split_heads(self.q_proj(x), self.n_heads)  # (B, H, L, D)
+        k = self.split_heads(self.k_proj(source), self.n_kv_heads)  # (B, H_kv, S, D)
+        v = self.split_heads(self.v_proj(source), self.n_kv_heads)
+        offset = 0 if kv_cache is None else kv_cache.seq_len
+        if self.rope_base is not None:  # rotate-half RoPE at absolute positions (chapter 7)
+            def rope(t: Tensor, pos: Tensor) -> Tensor:
+                D = t.size(-1)
+                inv_freq = 1.0 / (self.rope_base ** (torch.arange(0, D, 2, device=t.device).float() / D))
+                angle = pos.float()[:, None] * inv_freq  # (L, D/2)
+                angle = torch.cat((angle, angle), dim=-1)
+                half1, half2 = t[..., : D // 2], t[..., D // 2:]
+                return t * angle.cos().to(t.dtype) + torch.cat((-half2, half1), dim=-1) * angle.sin().to(t.dtype)
+            q = rope(q, torch.arange(offset, offset + L, device=x.device))
+            k_pos = torch.arange(offset, offset + L) if context is None else torch.arange(k.size(-2))
+            k = rope(k, k_pos.to(x.device))
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)  # every cached position, old ones first
+            allowed = torch.ones(L, offset + L, dtype=torch.bool, device=x.device).tril(offset)
+            if attn_mask is None:
+                attn_mask = allowed
+            elif attn_mask.dtype == torch.bool:
+                attn_mask = allowed & attn_mask
+            else:
+                attn_mask = attn_mask.to(q.dtype).masked_fill(~allowed, float("-inf"))
+            is_causal = False
+        H, S, D = self.n_heads, k.size(-2), q.size(-1)
+        n_rep = self.n_heads // self.n_kv_heads
+        work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype  # as in Chapter 2
+        mask = None if attn_mask is None else attn_mask.expand(B, H, L, S)
+        y = torch.zeros(B, H, L, D, dtype=work, device=x.device)
+        for b in range(B):
+            for h in range(H):
+                kv = h // n_rep  # the key/value head that query head h reads
+                for i in range(L):
+                    scores = torch.zeros(S, dtype=work, device=x.device)
+                    for j in range(S):
+                        s = (q[b, h, i].to(work) * k[b, kv, j].to(work)).sum() / math.sqrt(D)
+                        if is_causal and j > i:  # query i sees keys 0..i
+                            s = torch.full_like(s, float("-inf"))
+                        if mask is not None:
+                            if mask.dtype == torch.bool:
+                                if not mask[b, h, i, j]:
+                                    s = torch.full_like(s, float("-inf"))
+                            else:
+                                s = s + mask[b, h, i, j].to(work)
+                        scores[j] = s
+                    peak = scores.max()
+                    if not torch.isfinite(peak):  # every key masked: shift by 0
+                        peak = torch.zeros_like(peak)
+                    e = torch.exp(scores - peak)
+                    total = e.sum()
+                    if total == 0:  # every key masked: zero weights, not NaN
+                        total = torch.ones_like(total)
+                    row = torch.zeros(D, dtype=work, device=x.device)
+                    for j in range(S):
+                        row = row + e[j] / total * v[b, kv, j].to(work)
+                    y[b, h, i] = row
+        return self.o_proj(self.merge_heads(y.to(q.dtype)))  # (B, L, d_model)
+
+
 EXERCISES = [
     Exercise(
         "MultiHeadAttention.split_heads",
         points=2,
         solution=MultiHeadAttention,
+        slow=SlowMultiHeadAttention,
         guide="""\
 The class below is the course's `MultiHeadAttention`; its constructor is written for you
 (the grader loads weights into `q_proj`, `k_proj`, `v_proj` and `o_proj`). Three of its
@@ -157,11 +253,13 @@ score near $10^4$ has no digit left after the point in bfloat16.""",
         "MultiHeadAttention.merge_heads",
         points=2,
         solution=MultiHeadAttention,
+        slow=SlowMultiHeadAttention,
     ),
     Exercise(
         "MultiHeadAttention.forward",
         points=5,
         solution=MultiHeadAttention,
+        slow=SlowMultiHeadAttention,
         explore=explore_multiheadattention_forward,
     ),
 ]

@@ -36,6 +36,19 @@ def causal_mask(
     return cols <= rows  # (L, S) bool
 
 
+# Slow: loops over the query rows i and the key positions j, one entry at a time.
+def slow_causal_mask(
+    L: int, S: int | None = None, device: torch.device | str | None = None
+) -> Tensor:
+    if S is None:
+        S = L
+    mask = torch.zeros(L, S, dtype=torch.bool, device=device)  # (L, S), all blocked
+    for i in range(L):  # query i
+        for j in range(S):  # key j
+            if j <= i:
+                mask[i, j] = True
+    return mask
+
 
 # padding_mask -------------------------------------------------------------------------
 
@@ -43,6 +56,18 @@ def padding_mask(lengths: Tensor, S: int) -> Tensor:
     positions = torch.arange(S, device=lengths.device)  # (S,)
     real = positions[None, :] < lengths[:, None]  # (B, S)
     return real[:, None, None, :]  # (B, 1, 1, S)
+
+
+# Slow: loops over the sequences b of the batch and the key positions j, one entry at a time.
+def slow_padding_mask(lengths: Tensor, S: int) -> Tensor:
+    B = lengths.size(0)
+    mask = torch.zeros(B, 1, 1, S, dtype=torch.bool, device=lengths.device)  # all padding
+    for b in range(B):
+        n = int(lengths[b])  # real tokens of sequence b
+        for j in range(S):
+            if j < n:
+                mask[b, 0, 0, j] = True
+    return mask
 
 
 def explore_padding_mask() -> None:
@@ -69,6 +94,7 @@ last queries see every key. `S=None` means `S = L`; build it on `device`.""",
             "Compare a column of query indices with a row of key indices: `j <= i` broadcasts to `(L, S)`.",
             "Or: `torch.ones(L, S, dtype=torch.bool).tril()`. Check `L = 0` too.",
         ),
+        slow=slow_causal_mask,
     ),
     Exercise(
         "padding_mask",
@@ -85,5 +111,6 @@ Return a `(B, 1, 1, S)` boolean mask, `True` at real tokens, which broadcasts ag
             "Build the positions on `lengths.device`.",
         ),
         explore=explore_padding_mask,
+        slow=slow_padding_mask,
     ),
 ]

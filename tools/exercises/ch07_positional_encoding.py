@@ -39,6 +39,19 @@ def sinusoidal_positional_encoding(seq_len: int, d_model: int, base: float = 100
     return pe.to(torch.float32)
 
 
+# Slow: loops over the positions p and the pairs of channels (2i, 2i + 1), one angle at a time
+# (Python floats are float64).
+def slow_sinusoidal_positional_encoding(seq_len: int, d_model: int, base: float = 10000.0) -> Tensor:
+    pe = torch.zeros(seq_len, d_model, dtype=torch.float64)
+    for p in range(seq_len):
+        for c in range(0, d_model, 2):  # c = 2i, the even channel of pair i
+            angle = p / base ** (c / d_model)
+            pe[p, c] = math.sin(angle)
+            if c + 1 < d_model:  # an odd d_model ends with a lone sine channel
+                pe[p, c + 1] = math.cos(angle)
+    return pe.to(torch.float32)
+
+
 def explore_sinusoidal_positional_encoding() -> None:
     """The encoding table, channel against position."""
     pe = sinusoidal_positional_encoding(100, 64)
@@ -61,6 +74,35 @@ def apply_rope(x: Tensor, positions: Tensor | None = None, base: float = 10000.0
     cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
     x1, x2 = x[..., : D // 2], x[..., D // 2:]
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+# Slow: loops over the pairs of channels (i, i + D/2), the positions and, for (B, L) positions,
+# the batch elements; each step turns one pair of channels at one position (of every head).
+def slow_apply_rope(x: Tensor, positions: Tensor | None = None, base: float = 10000.0) -> Tensor:
+    L, D = x.shape[-2], x.shape[-1]
+    half = D // 2
+    if positions is None:
+        positions = torch.arange(L, device=x.device)
+    positions = positions.to(x.device)
+    out = torch.empty_like(x)
+    for i in range(half):  # pair (i, i + D/2)
+        two_i = torch.tensor(2.0 * i, dtype=torch.float32, device=x.device)
+        inv_freq = 1.0 / (base ** (two_i / D))  # float32 scalar
+        for t in range(L):  # position t of the sequence
+            if positions.ndim == 1:  # the same positions for the whole batch
+                angle = positions[t].float() * inv_freq  # float32
+                cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+                a, c = x[..., t, i], x[..., t, i + half]  # the pair's two channels
+                out[..., t, i] = a * cos - c * sin
+                out[..., t, i + half] = c * cos + a * sin
+            else:  # (B, L): row b of positions turns batch element b
+                for b in range(positions.size(0)):
+                    angle = positions[b, t].float() * inv_freq  # float32
+                    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+                    a, c = x[b, ..., t, i], x[b, ..., t, i + half]
+                    out[b, ..., t, i] = a * cos - c * sin
+                    out[b, ..., t, i + half] = c * cos + a * sin
+    return out
 
 
 def explore_apply_rope() -> None:
@@ -88,6 +130,20 @@ def alibi_slopes(n_heads: int) -> Tensor:
     return torch.tensor(slopes, dtype=torch.float32)
 
 
+# Slow: loops to find the power of two m, then over the heads, one slope at a time (the
+# reference's lists are loops over heads too; here each head's slope is worked out alone).
+def slow_alibi_slopes(n_heads: int) -> Tensor:
+    m = 1
+    while m * 2 <= n_heads:  # the largest power of two <= n_heads
+        m *= 2
+    slopes = torch.zeros(n_heads, dtype=torch.float32)
+    for h in range(n_heads):
+        if h < m:  # the sequence of m heads: 2^(-8 i / m), i = h + 1
+            slopes[h] = 2.0 ** (-8.0 * (h + 1) / m)
+        else:  # then slopes 1, 3, 5, ... of the sequence of 2m heads
+            slopes[h] = 2.0 ** (-8.0 * (2 * (h - m) + 1) / (2 * m))
+    return slopes
+
 
 # alibi_bias ---------------------------------------------------------------------------
 
@@ -104,6 +160,24 @@ def alibi_bias(
     distance = (q_pos[:, None] - k_pos[None, :]).abs().to(torch.float32)  # (L, S)
     slopes = alibi_slopes(n_heads).to(device)  # (H,)
     return -slopes[:, None, None] * distance  # (H, L, S)
+
+
+# Slow: loops over the heads, the query rows and the key positions, one entry at a time.
+def slow_alibi_bias(
+    n_heads: int,
+    L: int,
+    S: int,
+    *,
+    query_offset: int = 0,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    slopes = alibi_slopes(n_heads)  # (H,) float32
+    bias = torch.zeros(n_heads, L, S, dtype=torch.float32, device=device)
+    for h in range(n_heads):
+        for i in range(L):  # query i, at position i + query_offset
+            for j in range(S):  # key j, at position j
+                bias[h, i, j] = -slopes[h] * abs(i + query_offset - j)
+    return bias
 
 
 def explore_alibi_bias() -> None:
@@ -131,6 +205,7 @@ An odd `d_model` ends with a lone sine channel. Compute in float64 and round onc
             "Fill `pe[:, 0::2]` with the sines and `pe[:, 1::2]` with the cosines; with an odd `d_model` there is one cosine fewer.",
         ),
         explore=explore_sinusoidal_positional_encoding,
+        slow=slow_sinusoidal_positional_encoding,
     ),
     Exercise(
         "apply_rope",
@@ -152,6 +227,7 @@ broadcast over the head axis of a 4-D `x`); it defaults to `0 .. L-1`.""",
             "For `(B, L)` positions and a 4-D `x`, insert a head axis: `angles[:, None]`.",
         ),
         explore=explore_apply_rope,
+        slow=slow_apply_rope,
     ),
     Exercise(
         "alibi_slopes",
@@ -166,6 +242,7 @@ positions 0, 2, 4, ... of the sequence for $2m$. Return a float32 tensor.""",
             "The largest power of two `<= n`: `1 << (n.bit_length() - 1)`.",
             "For 6 heads: the 4 slopes of $m = 4$, then 2 of the 8-head sequence's slopes 1, 3 (counting from 1).",
         ),
+        slow=slow_alibi_slopes,
     ),
     Exercise(
         "alibi_bias",
@@ -182,5 +259,6 @@ queries at the end.""",
             "Broadcast the slopes over the last two axes: `slopes[:, None, None]`.",
         ),
         explore=explore_alibi_bias,
+        slow=slow_alibi_bias,
     ),
 ]

@@ -33,6 +33,22 @@ def attention_score_bytes(
     return dtype.itemsize * batch * n_heads * L * S
 
 
+# Slow: a formula with nothing to vectorise; written as a learner might, a Python loop over the
+# batch and the heads adding the bytes of each (L, S) matrix.
+def slow_attention_score_bytes(
+    L: int,
+    S: int,
+    n_heads: int = 1,
+    batch: int = 1,
+    dtype: torch.dtype = torch.float32,
+) -> int:
+    total = 0
+    for b in range(batch):
+        for h in range(n_heads):
+            total += L * S * dtype.itemsize  # one (L, S) score matrix
+    return total
+
+
 
 # attention_flops ----------------------------------------------------------------------
 
@@ -61,6 +77,25 @@ def explore_attention_flops() -> None:
     plt.xlabel("sequence length"); plt.legend(); plt.show()
 
 
+# Slow: a formula with nothing to vectorise; written as a learner might, a Python loop over the
+# batch and the heads adding the FLOPs of each of the two products, term by term.
+def slow_attention_flops(
+    L: int,
+    S: int,
+    head_dim: int,
+    n_heads: int = 1,
+    batch: int = 1,
+    head_dim_v: int | None = None,
+) -> int:
+    dv = head_dim if head_dim_v is None else head_dim_v
+    total = 0
+    for b in range(batch):
+        for h in range(n_heads):
+            total += 2 * L * S * head_dim  # Q K^T: L * S dot products of head_dim multiply-adds
+            total += 2 * L * dv * S  # P V: L * dv dot products of S multiply-adds
+    return total
+
+
 EXERCISES = [
     Exercise(
         "attention_score_bytes",
@@ -74,6 +109,7 @@ queries, keys, values or outputs, and not the scores and the weights together. A
         hints=(
             "`dtype.itemsize` is the number of bytes per element.",
         ),
+        slow=slow_attention_score_bytes,
     ),
     Exercise(
         "attention_flops",
@@ -89,5 +125,6 @@ defaults to `head_dim`. A Python `int`.""",
             "With `head_dim_v == head_dim` the total is `4 * L * S * head_dim * n_heads * batch`.",
         ),
         explore=explore_attention_flops,
+        slow=slow_attention_flops,
     ),
 ]

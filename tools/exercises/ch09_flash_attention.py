@@ -97,6 +97,53 @@ def explore_flash_attention() -> None:
     plt.ylabel("largest error against exact attention"); plt.show()
 
 
+# Slow: Python loops over the flattened batch * heads, then the query rows one at a time, then
+# their keys one at a time: a scalar online softmax per row (Python floats m and l), with a torch
+# op per (query, key) pair for the score (a dot product of two rows) and the accumulator (a row);
+# no tiles (block_q and block_k change nothing). This is the submission of issue 12 that a
+# per-case time limit of 30 s once failed.
+def slow_flash_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    is_causal: bool = False,
+    scale: float | None = None,
+    block_q: int = DEFAULT_BLOCK_Q,
+    block_k: int = DEFAULT_BLOCK_K,
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.size(-1))
+    work = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
+    lead = query.shape[:-2]
+    L, S, E, Ev = query.size(-2), key.size(-2), query.size(-1), value.size(-1)
+    n = math.prod(lead)  # batch * heads
+    q = query.to(work).reshape(n, L, E)
+    k = key.to(work).reshape(n, S, E)
+    v = value.to(work).reshape(n, S, Ev)
+    out = torch.zeros(n, L, Ev, dtype=work, device=query.device)
+    lse = torch.full((n, L), -math.inf, dtype=work, device=query.device)  # stays -inf for a row without keys
+    for b in range(n):
+        for i in range(L):
+            m, l = -math.inf, 0.0  # running max, running sum of exp(s - m)
+            acc = torch.zeros(Ev, dtype=work, device=query.device)  # running exp(s - m) @ V
+            last = min(S, i + 1) if is_causal else S  # top-left causal: keys 0..i
+            for j in range(last):
+                s = scale * float(q[b, i] @ k[b, j])  # one score
+                m_new = max(m, s)
+                rescale = math.exp(m - m_new)  # 0 while m is still -inf
+                p = math.exp(s - m_new)
+                l = rescale * l + p
+                acc = rescale * acc + p * v[b, j]
+                m = m_new
+            if l > 0:
+                out[b, i] = acc / l
+                lse[b, i] = m + math.log(l)
+    out = out.reshape(*lead, L, Ev).to(query.dtype)
+    lse = lse.reshape(*lead, L)
+    return (out, lse) if return_lse else out
+
+
 # flash_attention_backward -------------------------------------------------------------
 
 def flash_attention_backward(
@@ -154,6 +201,63 @@ def explore_flash_attention_backward() -> None:
         print(f"d{name}: largest difference from autograd {(mine - auto).abs().max().item():.1e}")
 
 
+# Slow: Python loops over the flattened batch * heads, then the query rows one at a time, then
+# their keys one at a time: each weight p = exp(s - lse) is one Python float, added to the rows
+# of dQ, dK and dV (lists of Python floats); no tiles (block_q and block_k change nothing).
+def slow_flash_attention_backward(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    grad_out: Tensor,
+    is_causal: bool = False,
+    scale: float | None = None,
+    block_q: int = DEFAULT_BLOCK_Q,
+    block_k: int = DEFAULT_BLOCK_K,
+    grad_lse: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.size(-1))
+    work = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
+    lead = query.shape[:-2]
+    L, S, E, Ev = query.size(-2), key.size(-2), query.size(-1), value.size(-1)
+    n = math.prod(lead)  # batch * heads
+    qs = query.reshape(n, L, E).tolist()  # nested lists of Python floats
+    ks = key.reshape(n, S, E).tolist()
+    vs = value.reshape(n, S, Ev).tolist()
+    os_ = out.reshape(n, L, Ev).tolist()
+    dos = grad_out.reshape(n, L, Ev).tolist()
+    lses = lse.reshape(n, L).tolist()
+    glses = grad_lse.reshape(n, L).tolist() if grad_lse is not None else None
+    dqs, dks, dvs = [], [], []
+    for b in range(n):
+        dq = [[0.0] * E for _ in range(L)]
+        dk = [[0.0] * E for _ in range(S)]
+        dv = [[0.0] * Ev for _ in range(S)]
+        for i in range(L):
+            q_i, do_i = qs[b][i], dos[b][i]
+            d_i = sum(x * y for x, y in zip(do_i, os_[b][i]))  # D_i = dO_i . O_i
+            if glses is not None:
+                d_i -= glses[b][i]
+            last = min(S, i + 1) if is_causal else S  # top-left causal: keys 0..i
+            for j in range(last):
+                k_j, v_j = ks[b][j], vs[b][j]
+                s = scale * sum(x * y for x, y in zip(q_i, k_j))
+                p = math.exp(s - lses[b][i])  # the weight of key j for query i
+                dv[j] = [a + p * x for a, x in zip(dv[j], do_i)]
+                ds = p * (sum(x * y for x, y in zip(do_i, v_j)) - d_i)
+                dq[i] = [a + scale * ds * x for a, x in zip(dq[i], k_j)]
+                dk[j] = [a + scale * ds * x for a, x in zip(dk[j], q_i)]
+        dqs.append(dq)
+        dks.append(dk)
+        dvs.append(dv)
+    dq_t = torch.tensor(dqs, dtype=work, device=query.device).reshape(query.shape).to(query.dtype)
+    dk_t = torch.tensor(dks, dtype=work, device=key.device).reshape(key.shape).to(key.dtype)
+    dv_t = torch.tensor(dvs, dtype=work, device=value.device).reshape(value.shape).to(value.dtype)
+    return dq_t, dk_t, dv_t
+
+
 EXERCISES = [
     Exercise(
         "flash_attention",
@@ -180,6 +284,7 @@ through your loop.""",
             "`F.scaled_dot_product_attention` is off limits, and so is building `query @ key.transpose(-2, -1)` in one go.",
         ),
         explore=explore_flash_attention,
+        slow=slow_flash_attention,
     ),
     Exercise(
         "flash_attention_backward",
@@ -206,5 +311,6 @@ fails any tensor as large as the `L x S` matrix, and `scale=None` means $1/\sqrt
             "Autograd (`torch.autograd.grad`, `.backward()`), attnlib and `F.scaled_dot_product_attention` are off limits: the exercise is the formulas.",
         ),
         explore=explore_flash_attention_backward,
+        slow=slow_flash_attention_backward,
     ),
 ]

@@ -7,6 +7,8 @@ grade the notebook are in ``attnlib/grading/exercises/ch10_sparse_linear.py``.
 
 from __future__ import annotations
 
+import math
+
 import matplotlib.pyplot as plt
 import torch
 from torch import Tensor
@@ -36,6 +38,18 @@ def sliding_window_mask(L: int, window: int, causal: bool = False) -> Tensor:
     return d.abs() <= window
 
 
+# Slow: Python loops over the query positions i and the key positions j, one entry at a time.
+def slow_sliding_window_mask(L: int, window: int, causal: bool = False) -> Tensor:
+    mask = torch.zeros(L, L, dtype=torch.bool)
+    for i in range(L):
+        for j in range(L):
+            if causal:
+                mask[i, j] = 0 <= i - j <= window
+            else:
+                mask[i, j] = abs(i - j) <= window
+    return mask
+
+
 
 # longformer_mask ----------------------------------------------------------------------
 
@@ -47,6 +61,19 @@ def longformer_mask(L: int, window: int, global_tokens: Sequence[int] | Tensor) 
     return mask
 
 
+# Slow: Python loops over the query positions i and the key positions j, one entry at a time,
+# with the global tokens as a Python set.
+def slow_longformer_mask(L: int, window: int, global_tokens: Sequence[int] | Tensor) -> Tensor:
+    globals_ = set()
+    for t in torch.as_tensor(global_tokens, dtype=torch.long).reshape(-1).tolist():
+        globals_.add(t if t >= 0 else t + L)  # a negative index counts from the end
+    mask = torch.zeros(L, L, dtype=torch.bool)
+    for i in range(L):
+        for j in range(L):
+            mask[i, j] = abs(i - j) <= window or i in globals_ or j in globals_
+    return mask
+
+
 def explore_longformer_mask() -> None:
     """The patterns, yours beside attnlib's."""
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.5))
@@ -55,6 +82,40 @@ def explore_longformer_mask() -> None:
     axes[2].imshow(attnlib.longformer_mask(24, 3, [0, 12]).numpy()); axes[2].set_title("attnlib")
     plt.show()
     print("fraction of pairs kept:", longformer_mask(24, 3, [0, 12]).float().mean().item())
+
+
+# Slow: Python loops over the pairs of blocks (window and global), over the key blocks of each
+# query block (the free ones, and the random picks one at a time), then over every pair of
+# tokens (i, j) to expand the block pattern one entry at a time.
+def slow_bigbird_mask(
+    L: int,
+    block_size: int,
+    n_window_blocks: int,
+    n_global_blocks: int,
+    n_random_blocks: int,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    nb = (L + block_size - 1) // block_size  # blocks; the last one may be shorter
+    reach = (n_window_blocks - 1) // 2
+    g = min(n_global_blocks, nb)
+    allowed = torch.zeros(nb, nb, dtype=torch.bool)
+    for qb in range(nb):
+        for kb in range(nb):
+            if abs(qb - kb) <= reach or qb < g or kb < g:
+                allowed[qb, kb] = True
+    if n_random_blocks > 0:
+        if generator is None:
+            generator = torch.Generator().manual_seed(0)
+        for qb in range(g, nb):  # each non-global query block, in order
+            free = [kb for kb in range(nb) if not allowed[qb, kb]]  # increasing
+            pick = torch.randperm(len(free), generator=generator)[:n_random_blocks]
+            for t in pick.tolist():
+                allowed[qb, free[t]] = True
+    mask = torch.zeros(L, L, dtype=torch.bool)
+    for i in range(L):
+        for j in range(L):
+            mask[i, j] = allowed[i // block_size, j // block_size]
+    return mask
 
 
 # bigbird_mask -------------------------------------------------------------------------
@@ -149,6 +210,45 @@ def explore_linear_attention() -> None:
     plt.xlabel("position"); plt.ylabel("output channel 0"); plt.legend(); plt.show()
 
 
+# Slow: Python loops over the flattened batch (* heads), then the key positions one at a time
+# (adding phi(k_j) v_j^T to the running state) and the query positions one at a time (reading
+# it), with torch ops on single rows; causal, the two walks are one loop over the positions.
+def slow_linear_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    causal: bool = False,
+    feature_map: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    work = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
+    if feature_map is None:
+        def feature_map(t: Tensor) -> Tensor:  # elu(t) + 1, without the cancellation of exp(t) - 1 + 1
+            return torch.where(t > 0, t + 1, torch.exp(t.clamp(max=0)))
+    lead = query.shape[:-2]
+    L, S, Ev = query.size(-2), key.size(-2), value.size(-1)
+    n = math.prod(lead)  # batch * heads
+    q, k = feature_map(query.to(work)), feature_map(key.to(work))
+    q, k = q.reshape(n, L, q.size(-1)), k.reshape(n, S, k.size(-1))  # (n, L, E'), (n, S, E')
+    v = value.to(work).reshape(n, S, Ev)
+    out = torch.zeros(n, L, Ev, dtype=work, device=query.device)
+    for b in range(n):
+        state = torch.zeros(k.size(-1), Ev, dtype=work, device=query.device)  # sum of phi(k_j) v_j^T
+        norm = torch.zeros(k.size(-1), dtype=work, device=query.device)  # sum of phi(k_j)
+        if not causal:
+            for j in range(S):
+                state = state + torch.outer(k[b, j], v[b, j])
+                norm = norm + k[b, j]
+        for i in range(L):
+            if causal and i < S:  # key i joins before query i reads the sums
+                state = state + torch.outer(k[b, i], v[b, i])
+                norm = norm + k[b, i]
+            num, den = q[b, i] @ state, q[b, i] @ norm
+            if den == 0:  # no keys: the numerator is zero too, and so is the output
+                den = torch.ones_like(den)
+            out[b, i] = num / den
+    return out.reshape(*lead, L, Ev).to(query.dtype)
+
+
 EXERCISES = [
     Exercise(
         "sliding_window_mask",
@@ -161,6 +261,7 @@ $|i - j| \le$ `window`; causal, iff $0 \le i - j \le$ `window`.""",
         hints=(
             "`d = i - j` for every pair: `torch.arange(L)[:, None] - torch.arange(L)[None, :]`.",
         ),
+        slow=slow_sliding_window_mask,
     ),
     Exercise(
         "longformer_mask",
@@ -176,6 +277,7 @@ tensor; it may be empty and may hold duplicates. Start from your `sliding_window
             "Then `mask[idx, :] = True` and `mask[:, idx] = True`.",
         ),
         explore=explore_longformer_mask,
+        slow=slow_longformer_mask,
     ),
     Exercise(
         "bigbird_mask",
@@ -202,6 +304,7 @@ With `generator=None` and `n_random_blocks > 0`, use `torch.Generator().manual_s
             "`randperm` for every non-global query block, even when few blocks are free.",
         ),
         explore=explore_bigbird_mask,
+        slow=slow_bigbird_mask,
     ),
     Exercise(
         "linear_attention",
@@ -223,5 +326,6 @@ gives a zero output. Compute float16/bfloat16 in float32.""",
             "Causal: loop over positions `i`, adding `phi(k_i) v_i^T` to the state before using it for query `i`; keys past the last query are never used, and queries past the last key see all of them.",
         ),
         explore=explore_linear_attention,
+        slow=slow_linear_attention,
     ),
 ]

@@ -51,6 +51,21 @@ def explore_patchify() -> None:
     plt.show()
 
 
+# Slow: Python loops over the batch, then the grid of patches (rows of patches, then columns),
+# copying one (C, p, p) patch at a time into its row of the output.
+def slow_patchify(images: Tensor, patch_size: int) -> Tensor:
+    B, C, H, W = images.shape
+    p = patch_size
+    rows, cols = H // p, W // p  # the grid of patches
+    out = images.new_zeros(B, rows * cols, C * p * p)  # same dtype as the images
+    for b in range(B):
+        for r in range(rows):
+            for c in range(cols):
+                patch = images[b, :, r * p:(r + 1) * p, c * p:(c + 1) * p]  # (C, p, p)
+                out[b, r * cols + c] = patch.reshape(C * p * p)
+    return out
+
+
 # unpatchify ---------------------------------------------------------------------------
 
 def unpatchify(patches: Tensor, patch_size: int, height: int, width: int) -> Tensor:
@@ -79,6 +94,21 @@ def explore_unpatchify() -> None:
     plt.show()
 
 
+# Slow: Python loops over the batch, then the patches one at a time, each put back as a
+# (C, p, p) block at its place in the grid.
+def slow_unpatchify(patches: Tensor, patch_size: int, height: int, width: int) -> Tensor:
+    B = patches.size(0)
+    p = patch_size
+    C = patches.size(-1) // (p * p)
+    rows, cols = height // p, width // p  # the grid of patches
+    images = patches.new_zeros(B, C, height, width)  # same dtype as the patches
+    for b in range(B):
+        for n in range(rows * cols):
+            r, c = n // cols, n % cols  # row-major
+            images[b, :, r * p:(r + 1) * p, c * p:(c + 1) * p] = patches[b, n].reshape(C, p, p)
+    return images
+
+
 EXERCISES = [
     Exercise(
         "patchify",
@@ -95,6 +125,7 @@ then column, the order of a convolution weight `(D, C, p, p)`. Keep the dtype (i
             "Move the patch grid in front of the channels, then reshape to `(B, N, C * p * p)`.",
         ),
         explore=explore_patchify,
+        slow=slow_patchify,
     ),
     Exercise(
         "unpatchify",
@@ -110,5 +141,6 @@ vector laid out `(C, p, p)`. `C` follows from the last axis. Keep the dtype.""",
             "The permutation is the inverse of patchify's, not the same one. `F.fold` is off limits.",
         ),
         explore=explore_unpatchify,
+        slow=slow_unpatchify,
     ),
 ]

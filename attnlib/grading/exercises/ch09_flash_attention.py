@@ -8,8 +8,8 @@ exercise id                     reference
 ==============================  ========================================
 
 Both exercises have an ``extra_check`` (:func:`_flash_no_score_matrix`) that runs the
-learner's function under :class:`attnlib.measure.ShapeRecorder` and fails it if a tensor that
-could hold the whole ``L x S`` score matrix is ever built. Each mistake is a small wrong
+learner's function under :class:`_TensorRecorder` and fails it if a tensor that could hold the
+whole ``L x S`` score matrix is ever built. Each mistake is a small wrong
 implementation with the reference's signature; ``_flash_variant`` and
 ``_flash_bwd_variant`` compute every variant of the tiled pass with flags, so a mistake
 differs from the correct computation in exactly one place.
@@ -24,11 +24,12 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from ..._validate import compute_dtype
 from ...flash import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, flash_attention, flash_attention_backward
-from ...measure import ShapeRecorder
+from ...measure import quadratic_shapes
 from ..core import Case, Exercise, Mistake, register, section_url
 from .common import F64, NO_ATTNLIB, NO_FUSED, binade_values, clone_args, grid, huge_score_qk, randn
 
@@ -164,30 +165,40 @@ _RECOMPUTE_ADVICE = ("Recompute one (block_q, block_k) tile of weights at a time
                      f"{section_url(f'{PAGE}#the-backward-pass-recompute-don-t-store')}.")
 
 
-class _TensorRecorder(ShapeRecorder):
-    """:class:`attnlib.measure.ShapeRecorder` that also keeps the dtype of every tensor it
-    records (``tensors``: ``(shape, dtype)`` pairs), so that the check can say what was built:
-    a boolean ``(L, S)`` mask is not a score matrix, though it is as large as one."""
+class _TensorRecorder(TorchFunctionMode):
+    """The shape and dtype of every tensor of two or more dimensions that a torch function
+    returns while it is active (``tensors``: ``(shape, dtype)`` pairs), so that the check can
+    say what was built: a boolean ``(L, S)`` mask is not a score matrix, though it is as large
+    as one.
+
+    A torch *function* mode, not :class:`attnlib.measure.ShapeRecorder`'s dispatch mode: it sees
+    every call the learner's code makes (factories such as ``torch.ones`` included) and so every
+    tensor that code holds, but not the operations inside one call; it costs a loop over single
+    numbers about 15 % more time, where the dispatch mode costs it 6 times as much (measured on a
+    scalar flash attention, L = S = 256), which the time limits would punish."""
 
     def __init__(self) -> None:
         super().__init__()
         self.tensors: list[tuple[tuple[int, ...], torch.dtype]] = []
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-        out = super().__torch_dispatch__(func, types, args, kwargs)
-        self.tensors += [(tuple(t.shape), t.dtype) for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        out = func(*args, **(kwargs or {}))
+        for t in (out,) if isinstance(out, Tensor) else tree_flatten(out)[0]:
+            if isinstance(t, Tensor) and t.dim() >= 2:
+                self.tensors.append((tuple(t.shape), t.dtype))
         return out
 
     def quadratic_tensors(self, L: int, S: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
-        """The recorded tensors whose shape :meth:`quadratic` flags, with their dtypes."""
-        big = set(self.quadratic(L, S))
+        """The recorded tensors whose shape :func:`attnlib.measure.quadratic_shapes` flags, with
+        their dtypes."""
+        big = set(quadratic_shapes([shape for shape, _ in self.tensors], L, S))
         return [(shape, dtype) for shape, dtype in self.tensors if shape in big]
 
 
 def _flash_no_score_matrix(student: Callable[..., Any], case: Case,
                            advice: str = _ONLINE_SOFTMAX_ADVICE) -> str | None:
     """Run the learner's flash attention (or its backward pass) under
-    :class:`attnlib.measure.ShapeRecorder` (:class:`_TensorRecorder`) and fail if any tensor
+    :class:`_TensorRecorder` and fail if any tensor
     could hold the whole ``L x S`` score matrix. The message says what was built: a floating
     one is the score matrix (or the weights), a boolean or integer one a precomputed mask.
 
