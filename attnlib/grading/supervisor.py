@@ -527,10 +527,11 @@ class Supervisor:
             if att.done or progress.get("phase") == protocol.FINISHED:
                 break
             if att.killed == "deadline":
-                timed_out = f"timed out: the notebook's code did not finish within {timeout:g} s"
-                self.ended = f"{timed_out} {_where(progress, self.needed)} (an infinite loop?)"
+                timed_out = (f"timed out: the notebook's code did not finish within {timeout:g} s, the time "
+                             "limit of the whole notebook")
+                self.ended = f"{timed_out} {_where(progress, self.needed)}"
                 self.notes.append(self.ended)
-                self._fault_in_exercise(progress, f"{timed_out} (an infinite loop?)")
+                self._fault_in_exercise(progress, timed_out)
                 break
             if not att.started:
                 raise GradingError("the grading process could not start: " +
