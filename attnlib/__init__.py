@@ -11,14 +11,17 @@ from . import (
     flash,
     gqa,
     kv_cache,
+    latent,
     linear,
     masks,
     measure,
     multihead,
+    paged,
     plotting,
     positional,
     rnn,
     sparse,
+    transformer,
     vision,
 )
 from .attention import *  # noqa: F403  (each concept module lists its public names in __all__)
@@ -26,18 +29,21 @@ from .cost import *  # noqa: F403
 from .flash import *  # noqa: F403
 from .gqa import *  # noqa: F403
 from .kv_cache import *  # noqa: F403
+from .latent import *  # noqa: F403
 from .linear import *  # noqa: F403
 from .masks import *  # noqa: F403
 from .multihead import *  # noqa: F403
+from .paged import *  # noqa: F403
 from .positional import *  # noqa: F403
 from .rnn import *  # noqa: F403
 from .sparse import *  # noqa: F403
+from .transformer import *  # noqa: F403
 from .vision import *  # noqa: F403
 
 __version__ = "0.1.0"
 
 # The concept modules whose public names are attnlib's: a function added to one of them (and
 # to its __all__) is ``attnlib.<name>`` with no edit here.
-CONCEPT_MODULES = (attention, cost, flash, gqa, kv_cache, linear, masks, multihead, positional,
-                   rnn, sparse, vision)
+CONCEPT_MODULES = (attention, cost, flash, gqa, kv_cache, latent, linear, masks, multihead, paged,
+                   positional, rnn, sparse, transformer, vision)
 __all__ = sorted((name for module in CONCEPT_MODULES for name in module.__all__), key=str.lower)

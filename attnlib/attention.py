@@ -1,7 +1,8 @@
 """Scaled dot-product attention, written out by hand.
 
 Taught in chapter 2 (queries, keys and values), chapter 3 (the 1/sqrt(d_k) scale, and
-the entropy of the weights that shows what it prevents) and chapter 5 (masks). Every
+the entropy of the weights that shows what it prevents), chapter 5 (masks) and chapter 12
+(logit soft-capping). Every
 function here is checked against PyTorch in ``tests/test_attention.py``: the attention
 functions against ``torch.nn.functional.scaled_dot_product_attention``, the entropy
 against ``torch.special.entr``.
@@ -38,6 +39,7 @@ __all__ = [  # attnlib's public names from this module
     "attention_weights",
     "scaled_dot_product_attention",
     "attention_entropy",
+    "softcap",
 ]
 
 
@@ -272,3 +274,27 @@ def attention_entropy(weights: Tensor, dim: int = -1) -> Tensor:
     zero = torch.zeros_like(p)
     terms = torch.where(positive, -p * torch.log(safe), zero)  # 0 ln 0 = 0
     return terms.sum(dim=dim).to(weights.dtype)
+
+
+def softcap(scores: Tensor, cap: float) -> Tensor:
+    """Logit soft-capping, ``cap * tanh(scores / cap)`` (Gemma 2, 2024; chapter 12).
+
+    Scores far below ``cap`` pass nearly unchanged (``tanh(x) ~ x`` for small ``x``); large
+    ones are squashed smoothly into ``(-cap, cap)``, so no score can grow without bound and
+    no softmax row collapses onto one key however large the logits become. Gemma 2 caps its
+    attention scores at 50 and its final logits at 30. fp16/bf16 inputs are computed in fp32
+    and cast back.
+
+    Args:
+        scores: attention scores (or logits) of any shape.
+        cap: the bound, a positive number.
+
+    Returns:
+        ``scores``' shape and dtype, every value between ``-cap`` and ``cap``.
+    """
+    check_tensor(scores, "scores", min_ndim=0)
+    check_floating(scores, "scores")
+    if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap) or cap <= 0:
+        raise ValueError(f"cap must be a positive finite number, got {cap!r}")
+    x = scores.to(compute_dtype(scores.dtype))
+    return (cap * torch.tanh(x / cap)).to(scores.dtype)

@@ -41,9 +41,30 @@ def test_signatures_of_the_contract():
                             "return_lse"],
         "sliding_window_attention": ["query", "key", "value", "window", "causal"],
         "linear_attention": ["query", "key", "value", "causal", "feature_map"],
+        "sink_window_mask": ["L", "window", "n_sink", "S"],
+        "softcap": ["scores", "cap"],
     }
     for name, params in expect.items():
         assert list(inspect.signature(getattr(attnlib, name)).parameters) == params, name
+    # chapter 12 (issue 13): the names the chapter, its exercises and tests share
+    classes = {
+        "TransformerBlock": (["d_model", "n_heads", "n_kv_heads", "d_ff"], ["x", "kv_cache"]),
+        "TinyGPT": (["vocab_size", "d_model", "n_heads", "n_layers", "max_len", "n_kv_heads"], ["idx", "kv_cache"]),
+        "PagedKVCache": (["n_blocks", "block_size", "n_kv_heads", "head_dim", "dtype"], None),
+        "MultiHeadLatentAttention": (["d_model", "n_heads", "head_dim", "kv_rank", "rope_dim"],
+                                     ["x", "is_causal", "absorb"]),
+    }
+    for name, (init, forward) in classes.items():
+        cls = getattr(attnlib, name)
+        assert list(inspect.signature(cls).parameters)[:len(init)] == init, name
+        if forward is not None:
+            assert list(inspect.signature(cls.forward).parameters)[1:len(forward) + 1] == forward, name
+    assert list(inspect.signature(attnlib.TinyGPT.generate).parameters) == ["self", "idx", "max_new_tokens",
+                                                                            "use_cache"]
+    for method in ("append", "gather", "block_table", "free"):
+        assert callable(getattr(attnlib.PagedKVCache, method)), method
+    assert list(inspect.signature(attnlib.mla_kv_cache_bytes).parameters) == [
+        "n_layers", "kv_rank", "rope_dim", "seq_len", "batch", "dtype"]
     mha = inspect.signature(attnlib.MultiHeadAttention.forward).parameters
     assert list(mha) == ["self", "x", "context", "attn_mask", "is_causal", "kv_cache"]
     assert list(inspect.signature(attnlib.KVCache).parameters) == []
