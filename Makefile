@@ -11,7 +11,7 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 JOBS ?= 2
 
-.PHONY: book test unit site-test browser bench bench-grading release clean venv
+.PHONY: book test unit site-test browser bench bench-grading bench-generation release clean venv
 
 venv: $(STAMP)
 
@@ -57,6 +57,10 @@ bench: $(STAMP)
 # Grades a synthetic class of 200 submissions: submissions per minute, overhead per notebook.
 bench-grading: $(STAMP)
 	$(BIN)/python benchmarks/grading_bench.py
+
+# Greedy generation with attnlib.TinyGPT, with and without the KV cache (chapter 12): tokens/s.
+bench-generation: $(STAMP)
+	$(BIN)/python benchmarks/generation_bench.py
 
 clean:
 	rm -rf _build $(VENV)
