@@ -21,6 +21,7 @@ from . import (
     positional,
     rnn,
     sparse,
+    tasks,
     transformer,
     vision,
 )
@@ -37,6 +38,7 @@ from .paged import *  # noqa: F403
 from .positional import *  # noqa: F403
 from .rnn import *  # noqa: F403
 from .sparse import *  # noqa: F403
+from .tasks import *  # noqa: F403
 from .transformer import *  # noqa: F403
 from .vision import *  # noqa: F403
 
@@ -45,5 +47,5 @@ __version__ = "0.1.0"
 # The concept modules whose public names are attnlib's: a function added to one of them (and
 # to its __all__) is ``attnlib.<name>`` with no edit here.
 CONCEPT_MODULES = (attention, cost, flash, gqa, kv_cache, latent, linear, masks, multihead, paged,
-                   positional, rnn, sparse, transformer, vision)
+                   positional, rnn, sparse, tasks, transformer, vision)
 __all__ = sorted((name for module in CONCEPT_MODULES for name in module.__all__), key=str.lower)
