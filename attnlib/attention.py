@@ -296,5 +296,10 @@ def softcap(scores: Tensor, cap: float) -> Tensor:
     check_floating(scores, "scores")
     if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap) or cap <= 0:
         raise ValueError(f"cap must be a positive finite number, got {cap!r}")
-    x = scores.to(compute_dtype(scores.dtype))
-    return (cap * torch.tanh(x / cap)).to(scores.dtype)
+    return _softcap(scores, cap)
+
+
+def _softcap(scores: Tensor, cap: float) -> Tensor:
+    """:func:`softcap` without the checks."""
+    x = scores.to(compute_dtype(scores.dtype))  # fp32 for fp16/bf16
+    return (cap * torch.tanh(x / cap)).to(scores.dtype)  # in (-cap, cap)

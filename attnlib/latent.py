@@ -36,7 +36,7 @@ from ._validate import check_floating, check_positive_int, check_tensor
 from .attention import scaled_dot_product_attention
 from .positional import apply_rope
 
-__all__ = ["MultiHeadLatentAttention", "mla_kv_cache_bytes"]  # attnlib's public names from this module
+__all__ = ["MultiHeadLatentAttention", "mla_absorbed_attention", "mla_kv_cache_bytes"]  # attnlib's public names from this module
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -160,24 +160,17 @@ class MultiHeadLatentAttention(nn.Module):
         """Rebuild per-head keys and values from the latent, then attend."""
         k = self._split_heads(self.k_up(c_kv), self.head_dim)  # (B, H, T, head_dim)
         v = self._split_heads(self.v_up(c_kv), self.head_dim)  # (B, H, T, head_dim)
-        k_rope = k_rope[:, None].expand(-1, self.n_heads, -1, -1)  # (B, H, T, rope_dim), shared
+        k_rope = k_rope[:, None].expand(-1, self.n_heads, -1, -1)  # (B, H, T, rope_dim)
         q = torch.cat([q, q_rope], dim=-1)  # (B, H, T, head_dim + rope_dim)
         k = torch.cat([k, k_rope], dim=-1)  # (B, H, T, head_dim + rope_dim)
-        return scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale)  # (B, H, T, head_dim)
+        y = scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale)
+        return y  # (B, H, T, head_dim)
 
     def _absorbed(self, q: Tensor, q_rope: Tensor, c_kv: Tensor, k_rope: Tensor,
                   is_causal: bool, scale: float) -> Tensor:
         """Attend over the latents: W^UK moved to the query, W^UV applied after."""
-        H, D, R = self.n_heads, self.head_dim, self.kv_rank
-        w_uk = self.k_up.weight.view(H, D, R)  # (H, head_dim, kv_rank): W^UK_h
-        w_uv = self.v_up.weight.view(H, D, R)  # (H, head_dim, kv_rank): W^UV_h
-        q_latent = torch.einsum("bhtd,hdr->bhtr", q, w_uk)  # (B, H, T, kv_rank)
-        q = torch.cat([q_latent, q_rope], dim=-1)  # (B, H, T, kv_rank + rope_dim)
-        k = torch.cat([c_kv, k_rope], dim=-1)[:, None]  # (B, 1, T, kv_rank + rope_dim)
-        o_latent = scaled_dot_product_attention(
-            q, k, c_kv[:, None], is_causal=is_causal, scale=scale, enable_gqa=True,
-        )  # (B, H, T, kv_rank): one key/value "head" shared by all, as in MQA
-        return torch.einsum("bhtr,hdr->bhtd", o_latent, w_uv)  # (B, H, T, head_dim)
+        return mla_absorbed_attention(q, q_rope, c_kv, k_rope, self.k_up.weight,
+                                      self.v_up.weight, is_causal, scale)  # (B, H, T, D)
 
     @staticmethod
     def _split_heads(x: Tensor, dim: int) -> Tensor:
@@ -201,6 +194,77 @@ class MultiHeadLatentAttention(nn.Module):
                 f"positions must have shape (T,) = ({T},) or (B, T) = ({B}, {T}), "
                 f"got {tuple(positions.shape)}"
             )
+
+
+def mla_absorbed_attention(q: Tensor, q_rope: Tensor, c_kv: Tensor, k_rope: Tensor,
+                           w_uk: Tensor, w_uv: Tensor, is_causal: bool = True,
+                           scale: float | None = None) -> Tensor:
+    """MLA's inference path: attention straight over the cached latents (chapter 12;
+    DeepSeek-V2, section 2.1.2).
+
+    Computes what :class:`MultiHeadLatentAttention` computes with ``absorb=False``: per
+    head ``h``, keys ``k_h = c_kv W^UK_h^T`` and values ``v_h = c_kv W^UV_h^T`` rebuilt
+    from the latent, the shared rope key appended to every head's key, then
+    ``softmax([q_h; q^R_h] . [k_h; k^R] * scale) v_h``. But it never builds ``k_h`` or
+    ``v_h``: the query is moved into latent space instead, ``q_h W^UK_h`` (``kv_rank``
+    numbers), and scored against ``c_kv`` directly; the weights average the latents, and
+    ``W^UV_h`` turns the average into the head's output. One (latent, rope key) pair per
+    token serves every head, as the single key/value head of MQA does.
+
+    Args:
+        q: ``(B, H, T, head_dim)`` queries of the compressed part (not rotated).
+        q_rope: ``(B, H, T, rope_dim)`` rotated RoPE queries (``rope_dim`` may be 0).
+        c_kv: ``(B, S, kv_rank)`` cached latents (never rotated).
+        k_rope: ``(B, S, rope_dim)`` cached, rotated RoPE keys, shared by the heads.
+        w_uk: ``(H * head_dim, kv_rank)``, the up-projection to keys (``k_up.weight``):
+            head ``h``'s ``W^UK_h`` is rows ``h * head_dim .. (h + 1) * head_dim - 1``.
+        w_uv: ``(H * head_dim, kv_rank)``, the up-projection to values
+            (``v_up.weight``).
+        is_causal: query ``i`` sees keys ``0..i``, aligned top-left as in the course.
+        scale: multiplies the scores; ``None``: ``1 / sqrt(head_dim + rope_dim)``, the
+            width of a head's score in the naive path (not of the latent).
+
+    Returns:
+        ``(B, H, T, head_dim)``: each head's output, before ``o_proj``.
+    """
+    _valid_absorbed_args(q, q_rope, c_kv, k_rope, w_uk, w_uv, is_causal)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.size(-1) + q_rope.size(-1))  # the naive path's width
+    H, D, R = q.size(1), q.size(-1), c_kv.size(-1)
+    w_uk = w_uk.view(H, D, R)  # (H, head_dim, kv_rank): W^UK_h
+    w_uv = w_uv.view(H, D, R)  # (H, head_dim, kv_rank): W^UV_h
+    q_latent = torch.einsum("bhtd,hdr->bhtr", q, w_uk)  # (B, H, T, kv_rank)
+    q = torch.cat([q_latent, q_rope], dim=-1)  # (B, H, T, kv_rank + rope_dim)
+    k = torch.cat([c_kv, k_rope], dim=-1)[:, None]  # (B, 1, S, kv_rank + rope_dim)
+    o_latent = scaled_dot_product_attention(
+        q, k, c_kv[:, None], is_causal=is_causal, scale=scale, enable_gqa=True,
+    )  # (B, H, T, kv_rank): one key/value "head" shared by all, as in MQA
+    return torch.einsum("bhtr,hdr->bhtd", o_latent, w_uv)  # (B, H, T, head_dim)
+
+
+def _valid_absorbed_args(q: Tensor, q_rope: Tensor, c_kv: Tensor, k_rope: Tensor,
+                         w_uk: Tensor, w_uv: Tensor, is_causal: object) -> None:
+    """The argument checks of :func:`mla_absorbed_attention`."""
+    for x, name, nd in ((q, "q", 4), (q_rope, "q_rope", 4), (c_kv, "c_kv", 3),
+                        (k_rope, "k_rope", 3), (w_uk, "w_uk", 2), (w_uv, "w_uv", 2)):
+        check_tensor(x, name, min_ndim=nd)
+        if x.ndim != nd:
+            raise ValueError(f"{name} must have {nd} dimensions, got shape {tuple(x.shape)}")
+        check_floating(x, name)
+    B, H, T, D = q.shape
+    R = c_kv.size(-1)
+    if q_rope.shape[:3] != (B, H, T) or k_rope.shape[:2] != c_kv.shape[:2] or \
+            c_kv.size(0) != B or k_rope.size(-1) != q_rope.size(-1):
+        raise ValueError(
+            f"shapes do not fit: q {tuple(q.shape)} = (B, H, T, head_dim), q_rope "
+            f"{tuple(q_rope.shape)} = (B, H, T, rope_dim), c_kv {tuple(c_kv.shape)} = "
+            f"(B, S, kv_rank), k_rope {tuple(k_rope.shape)} = (B, S, rope_dim)")
+    for w, name in ((w_uk, "w_uk"), (w_uv, "w_uv")):
+        if tuple(w.shape) != (H * D, R):
+            raise ValueError(f"{name} must be (n_heads * head_dim, kv_rank) = ({H * D}, {R}), "
+                             f"got {tuple(w.shape)}")
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
 
 
 def mla_kv_cache_bytes(

@@ -55,34 +55,42 @@ def padding_mask(lengths: Tensor, S: int) -> Tensor:
 
 
 def sink_window_mask(L: int, window: int, n_sink: int, S: int | None = None) -> Tensor:
-    """A sliding window that also keeps the first ``n_sink`` keys: StreamingLLM's attention
-    sinks (Xiao et al., 2023) on top of a Mistral-style window (chapter 12).
+    """A sliding window that also keeps the first ``n_sink`` keys: StreamingLLM's
+    attention sinks (Xiao et al., 2023) on top of a Mistral-style window (chapter 12).
 
     Query ``i`` may attend to key ``j`` iff ``j <= i`` and (``i - j < window`` or
     ``j < n_sink``): the ``window`` most recent keys, itself included, and the first
     ``n_sink`` keys of the sequence however far back they are. Aligned top-left, as
-    :func:`causal_mask` and ``is_causal=True``: with ``S > L`` the last keys are never seen.
+    :func:`causal_mask` and ``is_causal=True``: with ``S > L`` the last keys are never
+    seen.
 
     ``window`` counts tokens *including the current one* (Mistral's convention), where
-    :func:`attnlib.sliding_window_mask` takes a reach: ``sink_window_mask(L, W, 0)`` equals
-    ``sliding_window_mask(L, W - 1, causal=True)``. With ``window >= S`` it is the causal mask.
+    :func:`attnlib.sliding_window_mask` takes a reach: ``sink_window_mask(L, W, 0)``
+    equals ``sliding_window_mask(L, W - 1, causal=True)``. With ``window >= S`` it is
+    the causal mask.
 
     Args:
         L: number of queries.
-        window: how many of the most recent keys each query sees, itself included (``>= 1``).
-        n_sink: how many first keys every query sees as well (``>= 0``), if they are not in
-            its future.
+        window: how many of the most recent keys each query sees, itself included
+            (``>= 1``).
+        n_sink: how many first keys every query sees as well (``>= 0``), if they are
+            not in its future.
         S: number of keys; defaults to ``L``.
 
     Returns:
         ``(L, S)`` boolean tensor, ``True`` = may attend.
     """
-    S = _valid_sizes(L, S)
-    check_positive_int(window, "window")
-    check_positive_int(n_sink, "n_sink", allow_zero=True)
+    S = _valid_sizes(L, S)  # S defaults to L
+    _valid_window(window, n_sink)
     i = torch.arange(L)[:, None]  # (L, 1): query positions
     j = torch.arange(S)[None, :]  # (1, S): key positions
     return (j <= i) & ((i - j < window) | (j < n_sink))  # (L, S)
+
+
+def _valid_window(window: int, n_sink: int) -> None:
+    """Check the window and sink counts of :func:`sink_window_mask`."""
+    check_positive_int(window, "window")
+    check_positive_int(n_sink, "n_sink", allow_zero=True)
 
 
 def _valid_sizes(L: int, S: int | None) -> int:

@@ -16,6 +16,7 @@ from ._validate import check_positive_int, check_tensor
 from .attention import scaled_dot_product_attention
 from .gqa import repeat_kv
 from .kv_cache import KVCache
+from .masks import causal_mask
 from .positional import apply_rope
 
 __all__ = ["MultiHeadAttention"]  # attnlib's public names from this module
@@ -134,10 +135,15 @@ class MultiHeadAttention(nn.Module):
                 k = apply_rope(k, key_positions, self.rope_base)
 
         if kv_cache is not None:
-            k, v = kv_cache.update(k, v)  # (B, H_kv, offset + L, D)
-            allowed = torch.ones(L, offset + L, dtype=torch.bool, device=x.device)
-            allowed = allowed.tril(offset)  # (L, offset + L), bottom-right aligned
-            attn_mask = _combine(allowed, attn_mask, q.dtype)  # i sees 0..offset+i
+            k, v = kv_cache.update(k, v)  # (B, H_kv, S, D): S = offset + L for KVCache
+            S = k.size(-2)  # the new tokens are the last L of the S returned
+            allowed = torch.ones(L, S, dtype=torch.bool, device=x.device)
+            allowed = allowed.tril(S - L)  # (L, S), bottom-right aligned
+            attn_mask = _combine(allowed, attn_mask, q.dtype)  # i sees 0..S-L+i
+            is_causal = False
+        elif is_causal and attn_mask is not None:  # F.sdpa takes one or the other
+            causal = causal_mask(L, k.size(-2), device=x.device)  # (L, S), top-left
+            attn_mask = _combine(causal, attn_mask, q.dtype)
             is_causal = False
 
         if self.fused:

@@ -84,9 +84,10 @@ class PagedKVCache:
     def append(self, seq_id: Hashable, k: Tensor, v: Tensor) -> None:
         """Store ``T`` new tokens at the end of sequence ``seq_id``, starting it if new.
 
-        Takes ``ceil((length + T) / block_size) - len(block_table)`` blocks from the free
-        list. If fewer are free, raises ``RuntimeError`` and leaves the cache exactly as it
-        was: nothing of ``k`` and ``v`` is written and a new ``seq_id`` is not started.
+        Takes ``ceil((length + T) / block_size) - len(block_table)`` blocks from the
+        free list. If fewer are free, raises ``RuntimeError`` and leaves the cache
+        exactly as it was: nothing of ``k`` and ``v`` is written and a new ``seq_id`` is
+        not started.
 
         Args:
             seq_id: any hashable name of the sequence.
@@ -94,38 +95,47 @@ class PagedKVCache:
                 cache's dtype.
             v: ``(n_kv_heads, T, head_dim)`` values of the same tokens.
         """
+        self._validate_append(seq_id, k, v)
+        T = k.size(1)
+        table = self._tables.get(seq_id, [])
+        start = self._lengths.get(seq_id, 0)
+        needed = -(-(start + T) // self.block_size) - len(table)  # ceil division
+        self._ensure_free(needed, seq_id, T)  # or RuntimeError, before any change
+        table = table + [self._free.pop() for _ in range(needed)]  # top of the stack
+        self._tables[seq_id], self._lengths[seq_id] = table, start + T
+        pos = torch.arange(start, start + T)  # (T,): positions of the new tokens
+        block = torch.tensor(table, dtype=torch.long)[pos // self.block_size]  # (T,)
+        slot = pos % self.block_size  # (T,): place inside the block
+        # Indices in dims 0 and 2 around a slice: the indexed view is (T, H_kv, D).
+        self.k_blocks[block, :, slot] = k.detach().transpose(0, 1)  # (T, H_kv, D)
+        self.v_blocks[block, :, slot] = v.detach().transpose(0, 1)  # (T, H_kv, D)
+
+    def _validate_append(self, seq_id: object, k: object, v: object) -> None:
+        """The argument checks of :meth:`append`."""
         _check_hashable(seq_id)
         self._check_new(k, "k")
         self._check_new(v, "v")
         if k.size(1) != v.size(1):
             raise ValueError(f"k and v must add the same number of tokens, got shapes "
                              f"{tuple(k.shape)} and {tuple(v.shape)}")
-        T = k.size(1)
-        table = self._tables.get(seq_id, [])
-        start = self._lengths.get(seq_id, 0)
-        needed = -(-(start + T) // self.block_size) - len(table)  # ceil division
+
+    def _ensure_free(self, needed: int, seq_id: Hashable, T: int) -> None:
+        """Raise ``RuntimeError`` if fewer than ``needed`` blocks are free."""
         if needed > len(self._free):
             raise RuntimeError(
-                f"PagedKVCache is out of blocks: appending {T} tokens to sequence {seq_id!r} "
-                f"(length {start}, {len(table)} blocks) needs {needed} new blocks of "
-                f"{self.block_size} tokens, but only {len(self._free)} of {self.n_blocks} "
-                f"are free; free a finished sequence first"
+                f"PagedKVCache is out of blocks: appending {T} tokens to sequence "
+                f"{seq_id!r} (length {self._lengths.get(seq_id, 0)}) needs {needed} new "
+                f"blocks of {self.block_size} tokens, but only {len(self._free)} of "
+                f"{self.n_blocks} are free; free a finished sequence first"
             )
-        table = table + [self._free.pop() for _ in range(needed)]
-        self._tables[seq_id], self._lengths[seq_id] = table, start + T
-        pos = torch.arange(start, start + T)  # (T,): positions of the new tokens
-        block = torch.tensor(table, dtype=torch.long)[pos // self.block_size]  # (T,)
-        slot = pos % self.block_size  # (T,): place inside the block
-        # Indices in dims 0 and 2 around a slice: the indexed view is (T, n_kv_heads, head_dim).
-        self.k_blocks[block, :, slot] = k.detach().transpose(0, 1)  # (T, n_kv_heads, head_dim)
-        self.v_blocks[block, :, slot] = v.detach().transpose(0, 1)  # (T, n_kv_heads, head_dim)
 
     def gather(self, seq_id: Hashable) -> tuple[Tensor, Tensor]:
-        """All keys and values of ``seq_id``, each as one tensor (a new copy, not a view of
-        the pool).
+        """All keys and values of ``seq_id``, each as one tensor (a new copy, not a
+        view of the pool).
 
-        Reads the blocks of the block table in order and trims the unused end of the last
-        one: the result equals concatenating along dim 1 everything appended to ``seq_id``.
+        Reads the blocks of the block table in order and trims the unused end of the
+        last one: the result equals concatenating along dim 1 everything appended to
+        ``seq_id``.
 
         Returns:
             ``(k, v)``, each ``(n_kv_heads, seq_len(seq_id), head_dim)``.
@@ -135,9 +145,9 @@ class PagedKVCache:
         idx = torch.tensor(table, dtype=torch.long)  # (n_used,)
         out = []
         for blocks in (self.k_blocks, self.v_blocks):
-            x = blocks.index_select(0, idx)  # (n_used, n_kv_heads, block_size, head_dim)
+            x = blocks.index_select(0, idx)  # (n_used, H_kv, block_size, head_dim)
             x = x.transpose(0, 1)  # (n_kv_heads, n_used, block_size, head_dim)
-            x = x.reshape(self.n_kv_heads, -1, self.head_dim)  # (H_kv, n_used * block_size, D)
+            x = x.reshape(self.n_kv_heads, -1, self.head_dim)  # (H_kv, n_used * b, D)
             out.append(x[:, :length])  # (n_kv_heads, length, head_dim)
         return out[0], out[1]
 
@@ -199,7 +209,12 @@ def kv_memory_waste(lengths: Sequence[int] | Tensor, block_size: int,
     lens = _check_lengths(lengths)
     if any(n > max_len for n in lens):
         raise ValueError(f"every length must be between 0 and max_len={max_len}, got {lens}")
-    contiguous = sum(max_len - n for n in lens)
+    return _kv_memory_waste(lens, block_size, max_len)
+
+
+def _kv_memory_waste(lens: list[int], block_size: int, max_len: int) -> tuple[int, int]:
+    """:func:`kv_memory_waste` without the checks."""
+    contiguous = sum(max_len - n for n in lens)  # every slot a sequence never reaches
     paged = sum(-(-n // block_size) * block_size - n for n in lens)  # last-block slack
     return contiguous, paged
 

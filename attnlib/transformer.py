@@ -56,8 +56,12 @@ class RMSNorm(nn.Module):
         check_floating(x, "x")
         if x.size(-1) != self.d_model:
             raise ValueError(f"x must be (..., d_model={self.d_model}), got {tuple(x.shape)}")
-        h = x.to(compute_dtype(x.dtype))  # (..., d_model)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)  # (..., d_model)
+        return self._forward(x)
+
+    def _forward(self, x: Tensor) -> Tensor:
+        """:meth:`forward` without the checks."""
+        h = x.to(compute_dtype(x.dtype))  # (..., d_model), fp32 for fp16/bf16
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)  # (..., d)
         return (h * self.weight.to(h.dtype)).to(x.dtype)  # (..., d_model)
 
 
@@ -137,20 +141,29 @@ class TransformerBlock(nn.Module):
         self.norm2 = RMSNorm(d_model)
         self.mlp = SwiGLU(d_model, d_ff)
 
-    def forward(self, x: Tensor, kv_cache: KVCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, kv_cache: KVCache | None = None,
+                attn_mask: Tensor | None = None) -> Tensor:
         """Run the block on ``x``: ``(B, T, d_model)`` -> ``(B, T, d_model)``.
 
-        With a :class:`attnlib.KVCache`, ``x`` holds only the new tokens: they sit at
-        positions ``cache.seq_len ..`` and attend causally to the cached prefix and to each
-        other; their keys and values are appended to the cache.
+        Attention is causal. With a :class:`attnlib.KVCache`, ``x`` holds only the
+        new tokens: they sit at positions ``cache.seq_len ..`` and attend causally to
+        the cached prefix and to each other; their keys and values are appended to the
+        cache. ``attn_mask`` (boolean, ``True`` = may attend, or float, added) narrows
+        attention further, e.g. to a sliding window (:func:`attnlib.sink_window_mask`);
+        it is passed to ``self.attn`` together with the causal rule.
         """
+        self._validate(x)
+        h = self.norm1(x)  # (B, T, d_model): normalise a copy, not the stream
+        x = x + self.attn(h, attn_mask=attn_mask, is_causal=True, kv_cache=kv_cache)
+        x = x + self.mlp(self.norm2(x))  # (B, T, d_model)
+        return x
+
+    def _validate(self, x: object) -> None:
+        """The argument checks of :meth:`forward`."""
         check_tensor(x, "x", min_ndim=3)
         check_floating(x, "x")
         if x.ndim != 3 or x.size(-1) != self.d_model:
             raise ValueError(f"x must be (B, T, d_model={self.d_model}), got {tuple(x.shape)}")
-        x = x + self.attn(self.norm1(x), is_causal=True, kv_cache=kv_cache)  # (B, T, d_model)
-        x = x + self.mlp(self.norm2(x))  # (B, T, d_model)
-        return x
 
 
 class TinyGPT(nn.Module):
@@ -217,14 +230,18 @@ class TinyGPT(nn.Module):
         """An empty :class:`attnlib.KVCache` per block, for :meth:`forward`'s ``kv_cache``."""
         return [KVCache() for _ in self.blocks]
 
-    def forward(self, idx: Tensor, kv_cache: list[KVCache] | None = None) -> Tensor:
+    def forward(self, idx: Tensor, kv_cache: list[KVCache] | None = None,
+                attn_mask: Tensor | None = None) -> Tensor:
         """Next-token logits at every position.
 
         Args:
             idx: ``(B, T)`` token ids, an integer tensor (``torch.long``).
             kv_cache: ``None``, or one :class:`attnlib.KVCache` per block (see
-                :meth:`new_cache`); then ``idx`` holds only the *new* tokens, which follow
-                the cached ones, and the caches grow by ``T`` positions.
+                :meth:`new_cache`); then ``idx`` holds only the *new* tokens, which
+                follow the cached ones, and the caches grow by ``T`` positions.
+            attn_mask: ``None``, or a mask every block applies on top of the causal
+                rule (see :meth:`TransformerBlock.forward`), e.g.
+                ``sink_window_mask(T, w, s)``.
 
         Returns:
             ``(B, T, vocab_size)`` logits; position ``t`` scores the token after ``t``.
@@ -233,17 +250,18 @@ class TinyGPT(nn.Module):
         caches = kv_cache if kv_cache is not None else [None] * len(self.blocks)
         x = self.tok_emb(idx)  # (B, T, d_model)
         for block, cache in zip(self.blocks, caches):
-            x = block(x, kv_cache=cache)  # (B, T, d_model)
+            x = block(x, kv_cache=cache, attn_mask=attn_mask)  # (B, T, d_model)
         return self.lm_head(self.norm(x))  # (B, T, vocab_size)
 
     @torch.no_grad()
-    def generate(self, idx: Tensor, max_new_tokens: int, use_cache: bool = True) -> Tensor:
+    def generate(self, idx: Tensor, max_new_tokens: int,
+                 use_cache: bool = True) -> Tensor:
         """Greedy decoding: append the most likely next token, ``max_new_tokens`` times.
 
-        With ``use_cache=True`` the prompt is run once (prefill) and each new token is then
-        fed alone through the per-block KV caches; with ``use_cache=False`` the whole
-        sequence is run again at every step. Both give the same tokens; the cache only
-        saves work (chapter 6).
+        With ``use_cache=True`` the prompt is run once (prefill) and each new token is
+        then fed alone through the per-block KV caches; with ``use_cache=False`` the
+        whole sequence is run again at every step. Both give the same tokens; the cache
+        only saves work (chapter 6).
 
         Args:
             idx: ``(B, T)`` prompt token ids (``torch.long``).
@@ -254,13 +272,7 @@ class TinyGPT(nn.Module):
         Returns:
             ``(B, T + max_new_tokens)``: the prompt followed by the new tokens.
         """
-        check_positive_int(max_new_tokens, "max_new_tokens", allow_zero=True)
-        self._validate(idx, None)
-        if idx.size(1) + max_new_tokens > self.max_len:
-            raise ValueError(
-                f"prompt length {idx.size(1)} + max_new_tokens {max_new_tokens} exceeds "
-                f"max_len={self.max_len}"
-            )
+        self._validate_generate(idx, max_new_tokens)
         if max_new_tokens == 0:
             return idx
         cache = self.new_cache() if use_cache else None
@@ -271,6 +283,16 @@ class TinyGPT(nn.Module):
             if step + 1 < max_new_tokens:
                 logits = self(next_token, kv_cache=cache) if use_cache else self(idx)
         return idx
+
+    def _validate_generate(self, idx: object, max_new_tokens: object) -> None:
+        """The argument checks of :meth:`generate`."""
+        check_positive_int(max_new_tokens, "max_new_tokens", allow_zero=True)
+        self._validate(idx, None)
+        if idx.size(1) + max_new_tokens > self.max_len:
+            raise ValueError(
+                f"prompt length {idx.size(1)} + max_new_tokens {max_new_tokens} exceeds "
+                f"max_len={self.max_len}"
+            )
 
     def _validate(self, idx: object, kv_cache: object) -> None:
         """The argument checks of :meth:`forward`."""

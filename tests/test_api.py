@@ -48,8 +48,8 @@ def test_signatures_of_the_contract():
         assert list(inspect.signature(getattr(attnlib, name)).parameters) == params, name
     # chapter 12 (issue 13): the names the chapter, its exercises and tests share
     classes = {
-        "TransformerBlock": (["d_model", "n_heads", "n_kv_heads", "d_ff"], ["x", "kv_cache"]),
-        "TinyGPT": (["vocab_size", "d_model", "n_heads", "n_layers", "max_len", "n_kv_heads"], ["idx", "kv_cache"]),
+        "TransformerBlock": (["d_model", "n_heads", "n_kv_heads", "d_ff"], ["x", "kv_cache", "attn_mask"]),
+        "TinyGPT": (["vocab_size", "d_model", "n_heads", "n_layers", "max_len", "n_kv_heads"], ["idx", "kv_cache", "attn_mask"]),
         "PagedKVCache": (["n_blocks", "block_size", "n_kv_heads", "head_dim", "dtype"], None),
         "MultiHeadLatentAttention": (["d_model", "n_heads", "head_dim", "kv_rank", "rope_dim"],
                                      ["x", "is_causal", "absorb"]),

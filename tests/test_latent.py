@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import attnlib
 from attnlib.kv_cache import kv_cache_bytes
 from attnlib.latent import MultiHeadLatentAttention, mla_kv_cache_bytes
 from conftest import randn
@@ -318,3 +319,36 @@ def test_bad_forward_inputs(x, kwargs, error, match):
 def test_bad_cache_bytes_arguments(args, kwargs, error, match):
     with pytest.raises(error, match=match):
         mla_kv_cache_bytes(*args, **kwargs)
+
+
+@pytest.mark.parametrize("rope_dim, causal, T, S", [(0, True, 5, 5), (4, True, 6, 6), (4, False, 1, 7),
+                                                    (2, False, 3, 5)])
+def test_mla_absorbed_attention_equals_per_head_keys_and_values(rope_dim, causal, T, S):
+    g = torch.Generator().manual_seed(7)
+    B, H, D, R = 2, 3, 4, 10
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    q, q_rope, c_kv, k_rope = rnd(B, H, T, D), rnd(B, H, T, rope_dim), rnd(B, S, R), rnd(B, S, rope_dim)
+    w_uk, w_uv = rnd(H * D, R), rnd(H * D, R)
+    k = (c_kv @ w_uk.T).view(B, S, H, D).transpose(1, 2)  # (B, H, S, D): keys rebuilt
+    v = (c_kv @ w_uv.T).view(B, S, H, D).transpose(1, 2)
+    k = torch.cat([k, k_rope[:, None].expand(-1, H, -1, -1)], dim=-1)
+    expected = F.scaled_dot_product_attention(torch.cat([q, q_rope], -1), k, v, is_causal=causal)
+    got = attnlib.mla_absorbed_attention(q, q_rope, c_kv, k_rope, w_uk, w_uv, is_causal=causal)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    scaled = attnlib.mla_absorbed_attention(q, q_rope, c_kv, k_rope, w_uk, w_uv, causal, scale=0.3)
+    torch.testing.assert_close(scaled, F.scaled_dot_product_attention(
+        torch.cat([q, q_rope], -1), k, v, is_causal=causal, scale=0.3), rtol=0, atol=1e-12)
+
+
+def test_mla_absorbed_attention_bad_shapes_are_named():
+    q, c = torch.zeros(1, 2, 3, 4), torch.zeros(1, 3, 5)
+    e = torch.zeros(1, 2, 3, 0)
+    with pytest.raises(ValueError, match=r"w_uk must be \(n_heads \* head_dim, kv_rank\) = \(8, 5\)"):
+        attnlib.mla_absorbed_attention(q, e, c, torch.zeros(1, 3, 0), torch.zeros(5, 8), torch.zeros(8, 5))
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        attnlib.mla_absorbed_attention(q, e, c, torch.zeros(1, 3, 2), torch.zeros(8, 5), torch.zeros(8, 5))
+    with pytest.raises(ValueError, match="c_kv must have 3 dimensions"):
+        attnlib.mla_absorbed_attention(q, e, c[None], torch.zeros(1, 3, 0), torch.zeros(8, 5), torch.zeros(8, 5))

@@ -406,3 +406,80 @@ def test_a_few_adam_steps_lower_the_loss_on_a_copying_batch():
         loss.backward()
         opt.step()
     assert loss_fn().item() < 0.6 * first.item()
+
+
+# --- sliding windows, sinks and the rolling cache (chapter 12) ------------------------------
+
+@settings(max_examples=20, deadline=None)
+@given(window=st.integers(1, 12), n_sink=st.integers(0, 5), T=st.integers(1, 20),
+       n_kv_heads=st.sampled_from([1, 2, 4]), seed=st.integers(0, 2**16))
+def test_rolling_cache_decoding_equals_the_sink_window_mask(window, n_sink, T, n_kv_heads, seed):
+    torch.manual_seed(seed)
+    model = TinyGPT(19, 16, 4, 2, 24, n_kv_heads=n_kv_heads).double()
+    idx = torch.randint(0, 19, (2, T))
+    full = model(idx, attn_mask=attnlib.sink_window_mask(T, window, n_sink))  # (B, T, vocab)
+    caches = [attnlib.RollingKVCache(window, n_sink) for _ in model.blocks]
+    steps = torch.cat([model(idx[:, t:t + 1], kv_cache=caches) for t in range(T)], dim=1)
+    torch.testing.assert_close(steps, full, rtol=0, atol=1e-12)
+    assert caches[0].seq_len == T
+    assert caches[0].key.size(-2) == n_sink + window  # fixed, however long the sequence
+
+
+def test_rolling_cache_keeps_the_sinks_and_the_last_window_tokens():
+    cache = attnlib.RollingKVCache(window=3, n_sink=2)
+    for t in range(9):  # token t's key holds the number t
+        k, v = cache.update(torch.full((1, 1, 1, 1), float(t)), torch.full((1, 1, 1, 1), -t))
+    assert sorted(k.flatten().tolist()) == [0.0, 1.0, 6.0, 7.0, 8.0]
+    assert sorted(v.flatten().tolist()) == [-8, -7, -6, -1, 0]
+    assert [cache.slot(t) for t in range(9)] == [0, 1, 2, 3, 4, 2, 3, 4, 2]
+    cache.reset()
+    assert cache.seq_len == 0 and cache.key is None
+
+
+def test_rolling_cache_is_a_plain_window_without_sinks_and_full_before_it_wraps():
+    cache = attnlib.RollingKVCache(window=4)
+    sizes = [cache.update(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2))[0].size(-2)
+             for _ in range(7)]
+    assert sizes == [1, 2, 3, 4, 4, 4, 4]
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (lambda c: c.update(torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 2, 4)), ValueError, "one token per update"),
+    (lambda c: (c.update(torch.zeros(1, 1, 1, 4), torch.zeros(1, 1, 1, 4)),
+                c.update(torch.zeros(1, 2, 1, 4), torch.zeros(1, 2, 1, 4))), ValueError, "do not fit"),
+    (lambda c: attnlib.RollingKVCache(0), ValueError, "window must be >= 1"),
+    (lambda c: attnlib.RollingKVCache(2, -1), ValueError, "n_sink must be >= 0"),
+])
+def test_rolling_cache_bad_inputs(bad, error, match):
+    with pytest.raises(error, match=match):
+        bad(attnlib.RollingKVCache(4, 1))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("float_mask", [False, True])
+def test_block_attn_mask_is_applied_on_top_of_the_causal_rule(fused, float_mask):
+    torch.manual_seed(3)
+    block = TransformerBlock(16, 4, 2, fused=fused).double()
+    x = torch.randn(2, 9, 16, dtype=torch.float64)
+    allowed = torch.rand(9, 9) < 0.6
+    allowed.fill_diagonal_(True)
+    mask = torch.zeros(9, 9, dtype=torch.float64).masked_fill(~allowed, -math.inf) if float_mask else allowed
+    h = block.norm1(x)
+    attn = block.attn(h, attn_mask=allowed & torch.ones(9, 9, dtype=torch.bool).tril())  # no is_causal
+    expected = x + attn
+    expected = expected + block.mlp(block.norm2(expected))
+    torch.testing.assert_close(block(x, attn_mask=mask), expected, rtol=0, atol=1e-12)
+
+
+def test_model_attn_mask_reaches_every_block():
+    torch.manual_seed(4)
+    model = TinyGPT(11, 16, 2, 3, 12).double()
+    idx = torch.randint(0, 11, (1, 12))
+    window = attnlib.sink_window_mask(12, 3, 0)
+    x = model.tok_emb(idx)
+    for block in model.blocks:
+        x = block(x, attn_mask=window)
+    torch.testing.assert_close(model(idx, attn_mask=window), model.lm_head(model.norm(x)))
+    assert not torch.allclose(model(idx, attn_mask=window), model(idx))
+    # a window as wide as the sequence is the causal mask
+    torch.testing.assert_close(model(idx, attn_mask=attnlib.sink_window_mask(12, 12, 0)), model(idx))
