@@ -11,7 +11,7 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 JOBS ?= 2
 
-.PHONY: book test unit site-test browser bench bench-grading bench-generation release clean venv
+.PHONY: book test unit site-test browser bench bench-grading bench-generation bench-gpu release clean venv
 
 venv: $(STAMP)
 
@@ -61,6 +61,12 @@ bench-grading: $(STAMP)
 # Greedy generation with attnlib.TinyGPT, with and without the KV cache (chapter 12): tokens/s.
 bench-generation: $(STAMP)
 	$(BIN)/python benchmarks/generation_bench.py
+
+# Forward and forward+backward TFLOP/s of attnlib.triton_flash against PyTorch's flash SDPA
+# (issue 14); needs a CUDA GPU (without one it says so and fails; --dry-run checks the plumbing on
+# the CPU). On a lent GPU machine: bash benchmarks/run_gpu_bench.sh OUT_DIR BUDGET_S.
+bench-gpu: $(STAMP)
+	$(BIN)/python benchmarks/gpu_flash_bench.py
 
 clean:
 	rm -rf _build $(VENV)

@@ -10,6 +10,7 @@ from . import (
     cost,
     flash,
     gqa,
+    kernel_lint,
     kv_cache,
     latent,
     linear,
@@ -29,6 +30,7 @@ from .attention import *  # noqa: F403  (each concept module lists its public na
 from .cost import *  # noqa: F403
 from .flash import *  # noqa: F403
 from .gqa import *  # noqa: F403
+from .kernel_lint import *  # noqa: F403
 from .kv_cache import *  # noqa: F403
 from .latent import *  # noqa: F403
 from .linear import *  # noqa: F403
@@ -46,6 +48,6 @@ __version__ = "0.1.0"
 
 # The concept modules whose public names are attnlib's: a function added to one of them (and
 # to its __all__) is ``attnlib.<name>`` with no edit here.
-CONCEPT_MODULES = (attention, cost, flash, gqa, kv_cache, latent, linear, masks, multihead, paged,
-                   positional, rnn, sparse, tasks, transformer, vision)
+CONCEPT_MODULES = (attention, cost, flash, gqa, kernel_lint, kv_cache, latent, linear, masks,
+                   multihead, paged, positional, rnn, sparse, tasks, transformer, vision)
 __all__ = sorted((name for module in CONCEPT_MODULES for name in module.__all__), key=str.lower)
