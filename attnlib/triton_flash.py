@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 from collections.abc import Iterator
 from collections.abc import Callable
 from typing import Any
@@ -41,11 +42,23 @@ from typing import Any
 import torch
 from torch import Tensor
 
+# Triton decides at import whether its own library functions (tl.zeros, tl.maximum, ...)
+# are built for the interpreter: imported earlier without TRITON_INTERPRET=1, they cannot
+# run under it. Remember whether that happened, to say so below instead of failing later.
+_IMPORTED_COMPILED = "triton.language" in sys.modules and \
+    os.environ.get("TRITON_INTERPRET", "0") != "1"
 if not torch.cuda.is_available():  # no GPU: run the kernels under Triton's interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import triton  # noqa: E402  (after choosing the interpreter)
 import triton.language as tl  # noqa: E402
+
+if _IMPORTED_COMPILED and os.environ.get("TRITON_INTERPRET", "0") == "1":
+    raise ImportError(
+        "triton was imported before attnlib.triton_flash without TRITON_INTERPRET=1, so its "
+        "library cannot run under the interpreter that this machine (no CUDA GPU) needs: set "
+        "TRITON_INTERPRET=1 before anything imports triton (first line of the notebook or "
+        "script, or in the environment), or import attnlib.triton_flash first")
 
 __all__ = ["flash_attention_triton", "flash_forward", "flash_backward", "flash_fwd_kernel",
            "flash_bwd_preprocess", "flash_bwd_kernel", "interpreter_traffic", "INTERPRETED"]
@@ -66,24 +79,26 @@ def flash_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
 ):
-    """FlashAttention-2's forward kernel: one program, BLOCK_M queries of one (batch, head)
-    against every key block (chapter 13).
+    """FlashAttention-2's forward kernel: one program, BLOCK_M queries of one
+    (batch, head) against every key block (chapter 13).
 
     Launched by :func:`flash_forward` on the grid ``(cdiv(L, BLOCK_M), B * H)``:
-    ``tl.program_id(0)`` is the block of queries, ``tl.program_id(1)`` is ``b * H + h``.
-    ``Q``, ``K``, ``V``, ``O`` point to ``(B, H, L or S, HEAD_DIM)`` tensors whose last axis
-    is contiguous (element ``[b, h, i, d]`` of ``Q`` is at ``Q + b * stride_qb + h * stride_qh
-    + i * stride_qm + d``; ``K``, ``V``, ``O`` alike with their strides); ``LSE`` to a
-    contiguous float32 ``(B, H, L)`` buffer. ``HEAD_DIM``, ``BLOCK_M`` and ``BLOCK_N`` are
-    powers of two (at least 16); ``L`` and ``S`` need not be multiples of the blocks.
+    ``tl.program_id(0)`` is the block of queries, ``tl.program_id(1)`` is
+    ``b * H + h``. ``Q``, ``K``, ``V``, ``O`` point to ``(B, H, L or S, HEAD_DIM)``
+    tensors whose last axis is contiguous: element ``[b, h, i, d]`` of ``Q`` is at
+    ``Q + b * stride_qb + h * stride_qh + i * stride_qm + d``, and ``K``, ``V``, ``O``
+    alike with their strides. ``LSE`` points to a contiguous float32 ``(B, H, L)``
+    buffer. ``HEAD_DIM``, ``BLOCK_M`` and ``BLOCK_N`` are powers of two (at least 16);
+    ``L`` and ``S`` need not be multiples of the blocks.
 
-    The program writes, for each of its query rows ``i < L``, ``O[b, h, i] = softmax(s) @ V``
-    in ``O``'s dtype and ``LSE[b, h, i] = log(sum_j exp(s_j))`` (natural log, float32), where
-    ``s_j = sm_scale * q_i . k_j`` and, with ``IS_CAUSAL``, only the keys ``j <= i`` count
-    (aligned top-left, whatever ``L`` and ``S``). It streams the key and value blocks with
-    the online softmax (running maximum, running sum, accumulator), never holding more than a
-    ``BLOCK_M x BLOCK_N`` tile of scores; causally, it skips the key blocks wholly right of
-    the diagonal. Masked loads give ``other=``: the masked-off lanes are undefined on a GPU.
+    For each of its query rows ``i < L``, the program writes ``O[b, h, i] =
+    softmax(s) @ V`` in ``O``'s dtype and ``LSE[b, h, i] = log(sum_j exp(s_j))``
+    (natural log, float32), where ``s_j = sm_scale * q_i . k_j`` and, with
+    ``IS_CAUSAL``, only the keys ``j <= i`` count (aligned top-left, whatever ``L``
+    and ``S``). It streams the key and value blocks with the online softmax (running
+    maximum, running sum, accumulator), never holding more than a ``BLOCK_M x
+    BLOCK_N`` tile of scores; causally, it skips the key blocks wholly right of the
+    diagonal. Masked loads give ``other=``: masked-off lanes are undefined on a GPU.
     """
     pid_m = tl.program_id(0)  # which block of queries
     pid_bh = tl.program_id(1)  # which (batch, head)
@@ -150,24 +165,26 @@ def flash_bwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
 ):
-    """FlashAttention-2's backward kernel: one program, one block of BLOCK_N keys of one
-    (batch, head), against every query block (chapter 13).
+    """FlashAttention-2's backward kernel: one program, one block of BLOCK_N keys of
+    one (batch, head), against every query block (chapter 13).
 
     Launched by :func:`flash_backward` on the grid ``(cdiv(S, BLOCK_N), B * H)``:
-    ``tl.program_id(0)`` is the block of keys, ``tl.program_id(1)`` is ``b * H + h``, after
-    ``flash_bwd_preprocess`` has written ``DELTA``. Every tensor is contiguous: ``Q``, ``DO``
-    and ``DQ`` are ``(B, H, L, HEAD_DIM)``, ``K``, ``V``, ``DK`` and ``DV`` are ``(B, H, S,
-    HEAD_DIM)`` (element ``[b, h, i, d]`` of ``Q`` is at ``Q + (b * H + h) * L * HEAD_DIM +
-    i * HEAD_DIM + d``), ``LSE`` and ``DELTA`` float32 ``(B, H, L)``: the forward's
-    log-sum-exp and ``delta_i = sum_d dO_id O_id``. ``DQ`` is a float32 buffer of zeros.
+    ``tl.program_id(0)`` is the block of keys, ``tl.program_id(1)`` is ``b * H + h``,
+    after ``flash_bwd_preprocess`` has written ``DELTA``. Every tensor is contiguous:
+    ``Q``, ``DO`` and ``DQ`` are ``(B, H, L, HEAD_DIM)``, ``K``, ``V``, ``DK`` and
+    ``DV`` are ``(B, H, S, HEAD_DIM)`` (element ``[b, h, i, d]`` of ``Q`` is at
+    ``Q + (b * H + h) * L * HEAD_DIM + i * HEAD_DIM + d``), ``LSE`` and ``DELTA``
+    float32 ``(B, H, L)``: the forward's log-sum-exp and ``delta_i = sum_d dO_id
+    O_id``. ``DQ`` is a float32 buffer of zeros.
 
-    With ``s_ij = sm_scale * q_i . k_j``, the weights ``P_ij = exp(s_ij - lse_i)`` (0 for
-    ``j > i`` with ``IS_CAUSAL``, aligned top-left), ``dS = P * (dO V^T - delta)`` and
-    ``dQ = sm_scale * dS K``, ``dK = sm_scale * dS^T Q``, ``dV = P^T dO``: the program
-    recomputes ``P`` tile by tile from ``LSE``, writes ``dK`` and ``dV`` of its keys (in their
-    dtypes) once, at the end, and adds its share of ``dQ`` for every query block with
-    ``tl.atomic_add``: the programs of the other key blocks add theirs to the same rows at the
-    same time. Causally, the query blocks wholly above the diagonal are skipped.
+    With ``s_ij = sm_scale * q_i . k_j``, the weights ``P_ij = exp(s_ij - lse_i)``
+    (0 for ``j > i`` with ``IS_CAUSAL``, aligned top-left), ``dS = P * (dO V^T -
+    delta)``, ``dQ = sm_scale * dS K``, ``dK = sm_scale * dS^T Q`` and ``dV = P^T
+    dO``: the program recomputes ``P`` tile by tile from ``LSE``, writes ``dK`` and
+    ``dV`` of its keys (in their dtypes) once, at the end, and adds its share of
+    ``dQ`` for every query block with ``tl.atomic_add``: the programs of the other
+    key blocks add theirs to the same rows at the same time. Causally, the query
+    blocks wholly above the diagonal are skipped.
     """
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -318,13 +335,14 @@ def _launch_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
 @contextlib.contextmanager
 def _kernel_errors() -> Iterator[None]:
     """Under the interpreter, Triton wraps an exception raised inside a kernel in an
-    ``InterpreterError``: raise the kernel's own instead (``NotImplementedError`` from the stub
-    of an exercise notebook, a learner's ``IndexError``), with its traceback."""
+    ``InterpreterError``: raise the kernel's own instead (``NotImplementedError`` from
+    an exercise notebook's stub, a learner's ``IndexError``), with its traceback."""
     try:
         yield
     except Exception as exc:
         cause = exc.__cause__
-        if INTERPRETED and type(exc).__name__ == "InterpreterError" and isinstance(cause, Exception):
+        wrapped = type(exc).__name__ == "InterpreterError"
+        if INTERPRETED and wrapped and isinstance(cause, Exception):
             raise cause from None
         raise
 

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# Without a GPU, Triton must be in interpreter mode before any test imports it: its library
+# is built for one mode at import (attnlib.triton_flash refuses the other, with a message).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def randn(*shape: int, dtype: torch.dtype = torch.float64, seed: int = 0) -> torch.Tensor:

@@ -4,6 +4,7 @@ the CPU under Triton's interpreter, against attnlib's and PyTorch's attention.""
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 
@@ -156,3 +157,13 @@ def test_the_launchers_run_a_given_kernel_and_return_what_the_backward_needs():
         torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-5)
     with pytest.raises(ValueError, match="lse must be a torch.float32 tensor of shape"):
         flash_backward(q, k, v, out, lse[..., :-1], grad)
+
+
+def test_triton_imported_first_without_the_interpreter_is_a_clear_error():
+    code = ("import os, sys; os.environ.pop('TRITON_INTERPRET', None); import triton.language\n"
+            "try:\n    import attnlib.triton_flash\nexcept ImportError as e:\n    print(e)\n")
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU, triton imported first is the normal, compiled mode")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert "set TRITON_INTERPRET=1 before anything imports triton" in run.stdout, run.stderr
