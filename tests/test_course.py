@@ -1,7 +1,7 @@
 """The instructor's flow, end to end, in throw-away nbgrader course directories.
 
 * ``nbgrader autograde`` and ``attnlib grade-class`` give the same scores to every notebook of
-  the course as solved, as solved with slow loops, untouched, and (four chapters) with a
+  the course as solved, as solved with slow loops, untouched, and (five chapters) with a
   plausible mistake; the solutions and the slow solutions get full marks from both;
 * a class of four students (all correct, half correct, untouched, all correct with an edited
   test cell) is graded with nbgrader and with ``attnlib grade-class --gradebook``; the
@@ -127,13 +127,15 @@ def source_total(root: Path, assignment: str) -> float:
 
 # --------------------------------------------------------------------------- the two graders agree
 
-#: Plausible mistakes, one per notebook for four chapters: (answer cell, the solution's line, the
+#: Plausible mistakes, one per notebook for five chapters: (answer cell, the solution's line, the
 #: learner's). Each fails at least one item; the two graders must fail the same ones.
 MISTAKES = {
     "02_queries_keys_values": ("softmax-solution", "e = torch.exp(z - peak)", "e = torch.exp(z)"),
     "05_self_cross_masks": ("causal_mask-solution", "return cols <= rows", "return cols < rows"),
     "07_positional_encoding": ("apply_rope-solution", "torch.cat((-x2, x1), dim=-1)", "torch.cat((x2, -x1), dim=-1)"),
     "09_flash_attention": ("flash_attention-solution", "acc = rescale[..., None] * acc + p @ v", "acc = acc + p @ v"),
+    "13_flash_triton": ("flash_fwd_kernel-solution", "acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)",
+                        "acc = acc + tl.dot(p.to(v.dtype), v)"),
 }
 
 

@@ -92,6 +92,19 @@ if importlib.util.find_spec("attnlib") is None:
 """
 
 
+# What the learner may call, and how slow a solution may be: the notebook's introduction says
+# this, in these words unless the chapter's module gives its own RULES or LOOPS (chapter 13,
+# whose exercises are Triton kernels).
+RULES = """\
+Write
+plain torch: when the notebook is graded, calling attnlib's version or PyTorch's built-in
+version of what an exercise asks you to write, anywhere outside the test and explore cells
+(even in a cell of your own, even through `check`), fails that exercise."""
+LOOPS = """\
+Loops are fine: every exercise here has also been solved with Python loops over rows, heads
+or single numbers, and the course's tests check that those solutions get full marks."""
+
+
 BASE_IMPORTS = """\
 import math
 
@@ -107,8 +120,17 @@ import attnlib  # the reference: used only by the explore cells, to compare with
 # --------------------------------------------------------------------------- reading the code
 
 
+def _function(obj):
+    """The Python function of a Triton kernel (``@triton.jit`` wraps it: ``obj.fn``, whose
+    source holds the decorator), or ``obj`` itself."""
+    fn = getattr(obj, "fn", None)
+    if inspect.isfunction(fn) and not inspect.isfunction(obj) and not isinstance(obj, type):
+        return fn
+    return obj
+
+
 def _source_lines(obj) -> list[str]:
-    return textwrap.dedent(inspect.getsource(obj)).splitlines()
+    return textwrap.dedent(inspect.getsource(_function(obj))).splitlines()
 
 
 def _find_def(tree: ast.AST, name: str) -> ast.FunctionDef:
@@ -160,7 +182,7 @@ def body_source(fn) -> str:
 
 
 def _parameters(fn) -> list[tuple]:
-    return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+    return [(p.name, p.kind, p.default) for p in inspect.signature(_function(fn)).parameters.values()]
 
 
 def _methods(solution: type) -> dict:
@@ -176,7 +198,7 @@ def _methods(solution: type) -> dict:
 def _free_names(fn, annotations: bool = True) -> list[str]:
     """The global names ``fn``'s code reads, in order of first use (builtins left out; with
     ``annotations=False``, names read only by annotations left out too)."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    tree = ast.parse(textwrap.dedent(inspect.getsource(_function(fn))))
     skip: set[int] = set()
     if not annotations:
         for node in ast.walk(tree):
@@ -258,8 +280,8 @@ def solution_cell_source(ex: Exercise, slow: bool = False) -> str:
     for name, fn, reference in pairs:
         if reference is None or _parameters(fn) != _parameters(reference):
             raise TypeError(f"{name}: the solution's parameters must be the reference's, "
-                            f"{inspect.signature(reference) if reference else 'no such reference'}; "
-                            f"got {inspect.signature(fn)}")
+                            f"{inspect.signature(_function(reference)) if reference else 'no such reference'}; "
+                            f"got {inspect.signature(_function(fn))}")
     if isinstance(solution, type):
         return class_stub(ref, {name: body_source(fn) for name, fn in _methods(solution).items()})
     return function_stub(ref, body_source(solution))
@@ -381,6 +403,8 @@ def build_notebook(assignment: str, slow: bool = False) -> nbformat.NotebookNode
     total = sum(e.points for e in exercises)
     listing = "\n".join(f"| `{e.id}` | {e.points} |" for e in exercises)
     source_file = Path(module.__file__).relative_to(REPO).as_posix()
+    rules = getattr(module, "RULES", RULES).strip("\n")  # a chapter may say it its own way
+    loops = getattr(module, "LOOPS", LOOPS).strip("\n")
     intro = f"""\
 <!-- Written by tools/build_exercises.py from {source_file}: edit that file, then run `make release`. -->
 # Chapter {number} exercises: {title}
@@ -402,16 +426,12 @@ it is already installed it does nothing), and the imports. Replace each
 result against the course's reference on the visible cases and names the mistake when it
 recognises one. Hidden cases, with more edge cases, are run when the notebook is graded;
 each test cell is worth its points only if every case passes. The *explore* cells are not
-graded (the grader does not run them): they put your result next to the reference. Write
-plain torch: when the notebook is graded, calling attnlib's version or PyTorch's built-in
-version of what an exercise asks you to write, anywhere outside the test and explore cells
-(even in a cell of your own, even through `check`), fails that exercise.
+graded (the grader does not run them): they put your result next to the reference. {rules}
 
 **Time limits.** Each graded case may take the larger of {DEFAULT_STEP_TIMEOUT:g} s and
 {CASE_TIME_MULTIPLE} times the reference's own time on it (the test cells measure it too, and the
 grader stops a call at its limit); each of your own cells may take {DEFAULT_STEP_TIMEOUT:g} s.
-Loops are fine: every exercise here has also been solved with Python loops over rows, heads
-or single numbers, and the course's tests check that those solutions get full marks."""
+{loops}"""
 
     imports = BASE_IMPORTS + (module.IMPORTS.strip("\n") + "\n" if module.IMPORTS.strip() else "")
     cells = [

@@ -386,7 +386,9 @@ def _guarded_modules() -> tuple[types.ModuleType, ...]:
     (:mod:`attnlib.grading.core`), the files it writes (:mod:`attnlib.grading.protocol`), any
     other module of ``attnlib/grading`` they import (e.g. the course's secret) and the
     exercises' own code (their cases, ``build_args`` and extra checks, in
-    :mod:`attnlib.grading.exercises`: every chapter module and the helpers they share)."""
+    :mod:`attnlib.grading.exercises`: every chapter module and the helpers they share), and
+    the modules a chapter names in its ``GUARDED`` (code its checks run on the learner's
+    behalf: chapter 13's kernel launchers, :mod:`attnlib.triton_flash`)."""
     import attnlib.grading.core as core
     from attnlib.grading import exercises
 
@@ -396,7 +398,10 @@ def _guarded_modules() -> tuple[types.ModuleType, ...]:
     others = tuple(m for name, m in sorted(sys.modules.items())
                    if name.startswith("attnlib.grading.") and name.count(".") == 2
                    and isinstance(m, types.ModuleType) and not any(m is n for n in named))
-    return (_THIS, core, protocol, *others, *chapters)
+    # the modules a chapter's checks run on the learner's behalf (chapter 13's kernel launchers)
+    run = dict.fromkeys(name for chapter in chapters for name in getattr(chapter, "GUARDED", ()))
+    launchers = tuple(sys.modules[name] for name in run if isinstance(sys.modules.get(name), types.ModuleType))
+    return (_THIS, core, protocol, *others, *chapters, *launchers)
 
 
 def _snapshot() -> dict[str, Any]:

@@ -141,6 +141,10 @@ class Exercise:
             kwargs)`` turns a case's plain values into arguments a case cannot carry across a
             process boundary (e.g. a model built from its constructor arguments and weights).
             :func:`call` applies it, on the cloned inputs, before every call of a function.
+        launch: optional, for ``kind="function"``: ``launch(fn, *args, **kwargs)`` runs the
+            learner's object (and the reference and the mistakes) on a case instead of
+            ``fn(*args, **kwargs)``: for an object that is not called but launched, such as a
+            Triton kernel (chapter 13: ``launch`` is the course's launcher, given the kernel).
     """
 
     id: str
@@ -155,6 +159,7 @@ class Exercise:
     rtol: float = 1e-8
     extra_check: Callable[[Callable, Case], str | None] | None = None
     build_args: Callable[[tuple, dict], tuple[tuple, dict]] | None = None
+    launch: Callable[..., Any] | None = None
 
 
 @dataclass
@@ -203,7 +208,10 @@ def _get(exercise_id: str) -> Exercise:
         return EXERCISES[exercise_id]
     except KeyError:
         known = ", ".join(sorted(EXERCISES)) or "none"
-        raise KeyError(f"no exercise with id {exercise_id!r}; registered: {known}") from None
+        from .exercises import UNAVAILABLE  # chapters that cannot be graded in this process
+
+        left_out = "".join(f"; {name} is left out ({why})" for name, why in UNAVAILABLE.items())
+        raise KeyError(f"no exercise with id {exercise_id!r}; registered: {known}{left_out}") from None
 
 
 # --------------------------------------------------------------------------- calling
@@ -282,7 +290,8 @@ def call(exercise: Exercise, student: Callable, case: Case) -> Any:
         # build_args keeps the tensors it is given (the model it builds copies its weights)
         built_args, built_kwargs = (args, kwargs) if exercise.build_args is None \
             else exercise.build_args(args, kwargs)
-        out = student(*built_args, **built_kwargs)
+        out = student(*built_args, **built_kwargs) if exercise.launch is None \
+            else exercise.launch(student, *built_args, **built_kwargs)
     _check_inputs_unchanged(exercise, case, args, kwargs)
     return out
 

@@ -32,7 +32,8 @@ private working directory (a copy of the       yes (on a private tmpfs)     yes 
 submission only; not on ``sys.path``:                                       directory)
 ``python -I``)
 scrubbed environment (PATH, HOME, LANG,        yes                          yes
-TMPDIR, MPLBACKEND, thread counts)
+TMPDIR, MPLBACKEND, thread counts,
+TRITON_INTERPRET)
 memory (RLIMIT_DATA and RLIMIT_AS), CPU time,  yes                          yes
 file size, no core dumps, no new privileges
 output (per step, then the process is          yes                          yes
@@ -227,6 +228,10 @@ def _child_env(workdir: Path) -> dict[str, str]:
         "OMP_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
         "OPENBLAS_NUM_THREADS": "1",
+        # Chapter 13's kernels run under Triton's interpreter, on the CPU, GPU or not: compiling
+        # them for a GPU would start programs (ptxas) that the sandbox refuses, and the cases are
+        # CPU tensors. attnlib.triton_flash would set it without a GPU anyway.
+        "TRITON_INTERPRET": "1",
     }
     if os.environ.get("LD_LIBRARY_PATH"):  # where the interpreter's libraries may live
         env["LD_LIBRARY_PATH"] = os.environ["LD_LIBRARY_PATH"]

@@ -141,7 +141,8 @@ _EXERCISE_FILES = _exercise_files(_GRADING_DIR.rstrip(os.sep))
 
 def _entry_codes() -> frozenset[types.CodeType]:
     """The exercises' code a notebook may call itself: each exercise's ``make_cases`` (the
-    cases are public) and ``build_args`` (arguments from a case), and the input helpers of
+    cases are public), ``build_args`` (arguments from a case) and ``launch`` (the launcher of a
+    kernel: the learner's kernel runs inside it), and the input helpers of
     ``exercises/common.py`` (seeded tensors), and the handlers of the torch modes the extra
     checks enter (a recorder's ``__torch_function__``: torch calls it at each of the learner's
     torch calls while the check runs the learner's code). Everything else there (the catalogued
@@ -150,7 +151,7 @@ def _entry_codes() -> frozenset[types.CodeType]:
     from attnlib.grading import exercises
     from attnlib.grading.exercises import common
 
-    codes = {getattr(f, "__code__", None) for e in EXERCISES.values() for f in (e.make_cases, e.build_args)}
+    codes = {getattr(f, "__code__", None) for e in EXERCISES.values() for f in (e.make_cases, e.build_args, e.launch)}
     codes |= {getattr(getattr(common, n, None), "__code__", None)
               for n in ("randn", "rand_bool", "state_dict", "clone_args")}
     for name in ("common", *exercises.CHAPTER_MODULES):
@@ -162,6 +163,25 @@ def _entry_codes() -> frozenset[types.CodeType]:
 
 
 _ENTRY_CODES = _entry_codes()
+
+
+def _kernel_starts() -> frozenset[types.CodeType]:
+    """Where Triton's interpreter starts a kernel's code (chapter 13): the grid loop of a
+    launch, and a kernel called from a kernel. While the notebook runs, the grader launches no
+    kernel of its own, so a kernel started there is the learner's object or runs on its behalf,
+    even when the exercise's own launcher (an entry code) is further up the stack: the
+    course's kernel (or a catalogued mistake's) given the learner's name is caught. Empty
+    where Triton's interpreter is not loaded (no Triton, or kernels compiled for a GPU)."""
+    interpreter = sys.modules.get("triton.runtime.interpreter")
+    found = set()
+    for owner in ("GridExecutor", "InterpretedFunction"):
+        code = getattr(getattr(getattr(interpreter, owner, None), "__call__", None), "__code__", None)
+        if isinstance(code, types.CodeType):
+            found.add(code)
+    return frozenset(found)
+
+
+_KERNEL_STARTS = _kernel_starts()
 #: Where the grader calls the learner's object (the function, the class, its method): the
 #: exercises' own code entered from there *is* the learner's object.
 _STUDENT_SITES = frozenset({_core.call.__code__, _core._build.__code__})
@@ -272,6 +292,8 @@ def _entry_origin(frame: Any) -> bool:
     f = frame
     while f is not None:
         code = f.f_code
+        if code in _KERNEL_STARTS:  # a kernel launched while the notebook runs: the learner's
+            return True
         filename = code.co_filename
         if filename in _EXERCISE_FILES or code in _IMPORT_CODES:
             return False
@@ -301,11 +323,33 @@ def _tamper_origin(frame: Any) -> bool:
     return False
 
 
+def _kernel_function(obj: Any) -> types.FunctionType | None:
+    """The Python function of a ``@triton.jit`` kernel (``obj.fn``), or ``None`` for anything
+    else."""
+    fn = getattr(obj, "fn", None) if not isinstance(obj, (type, types.FunctionType)) else None
+    module = getattr(type(obj), "__module__", "") or ""
+    return fn if isinstance(fn, types.FunctionType) and module.split(".")[0] == "triton" else None
+
+
+def _rewritten(kernel: Any) -> types.FunctionType | None:
+    """The function Triton's interpreter runs for ``kernel``: a copy of its code compiled from
+    its rewritten source (the same file name), made once and cached; ``None`` when the kernel
+    is compiled for a GPU, where no Python of it runs."""
+    try:
+        fn = kernel.rewrite() if callable(getattr(kernel, "rewrite", None)) else None
+    except Exception:  # no source to rewrite: the interpreter runs the function itself
+        return None
+    return fn if isinstance(fn, types.FunctionType) else None
+
+
 class CallWatcher:
     """Fails a graded call that calls one of ``forbidden`` (dotted names, as in
     :attr:`attnlib.grading.core.Exercise.forbidden`), by any route.
 
     Resolved once, before the learner's code runs: a Python function (its code object), a
+    Triton kernel (its function's code, and the rewritten copy that Triton's interpreter runs;
+    a kernel started by the interpreter during a graded call is never excused by the
+    exercise's own launcher further up, see :func:`_kernel_starts`), a
     class (the code of its own methods), a module (every code object of its files; for
     ``attnlib``, its reference modules, not ``attnlib.grading`` and not the input checks of
     ``attnlib._validate`` that the released stubs call), a builtin (its identity; a method
@@ -435,6 +479,13 @@ class CallWatcher:
             seen += 1
 
     def _add_object(self, obj: Any, dotted: str, codes_only: bool = False) -> None:
+        kernel = _kernel_function(obj)
+        if kernel is not None:  # a Triton kernel: its function, and the copy the interpreter runs
+            self._add_function(kernel, dotted, not codes_only)
+            rewritten = _rewritten(obj)
+            if rewritten is not None:
+                self._add_function(rewritten, dotted, not codes_only)
+            return
         if isinstance(obj, type):
             for name, attr in vars(obj).items():
                 for fn in (attr, getattr(attr, "__func__", None), getattr(attr, "fget", None)):
@@ -467,7 +518,7 @@ class CallWatcher:
         f = frame
         while f is not None:
             code = f.f_code
-            if code in self.sentinels:
+            if code in self.sentinels or code in _KERNEL_STARTS:  # a kernel started: the learner's
                 break
             filename = code.co_filename
             if filename in self.exempt_files:
