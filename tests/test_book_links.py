@@ -142,8 +142,10 @@ def test_binder_installs_attnlib():
     assert "download.pytorch.org/whl/cpu" in requirements
     pinned = re.search(r"^torch==([\d.]+)", (ROOT / "requirements.txt").read_text(), re.M).group(1)
     assert re.search(rf"^torch=={re.escape(pinned)}\+cpu$", requirements, re.M), "binder's torch != the course's"
-    for dep in ("numpy", "matplotlib"):
-        assert re.search(rf"^{dep}==", requirements, re.M), dep
+    course = (ROOT / "requirements.txt").read_text()
+    for dep in ("numpy", "matplotlib", "triton"):  # triton: chapter 13's notebook
+        version = re.search(rf"^{dep}==(\S+)$", course, re.M).group(1)
+        assert re.search(rf"^{dep}=={re.escape(version)}$", requirements, re.M), f"binder's {dep} != the course's"
 
 
 # --------------------------------------------------------------------------- the directive, built
