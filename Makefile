@@ -11,7 +11,7 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 JOBS ?= 2
 
-.PHONY: book test unit site-test browser bench bench-grading bench-generation bench-gpu release clean venv
+.PHONY: book test unit site-test browser bench bench-grading bench-cluster bench-generation bench-gpu release clean venv lab
 
 venv: $(STAMP)
 
@@ -25,6 +25,11 @@ $(STAMP): requirements.txt pyproject.toml
 book: $(STAMP)
 	$(BIN)/jupyter-book build . -W -n --keep-going
 	@echo "The site is in _build/html (open _build/html/index.html)."
+
+# Opens the exercise notebooks in JupyterLab (Ctrl-C stops it); `attnlib grade notebooks/` grades them all.
+# As root (a container), Jupyter needs --allow-root.
+lab: $(STAMP)
+	$(BIN)/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) notebooks/
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile tests --ignore=tests/site
@@ -57,6 +62,10 @@ bench: $(STAMP)
 # Grades a synthetic class of 200 submissions: submissions per minute, overhead per notebook.
 bench-grading: $(STAMP)
 	$(BIN)/python benchmarks/grading_bench.py
+
+# The same class through a Dask cluster started here vs the local pool: throughput, Dask's cost.
+bench-cluster: $(STAMP)
+	$(BIN)/python benchmarks/cluster_bench.py
 
 # Greedy generation with attnlib.TinyGPT, with and without the KV cache (chapter 12): tokens/s.
 bench-generation: $(STAMP)

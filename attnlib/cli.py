@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -61,13 +62,27 @@ def selfcheck(tolerance: float = 1e-10) -> int:
     return 1 if failures else 0
 
 
+def _part(text: str) -> tuple[int, int]:
+    """``K/N`` for ``--part``: part K (from 0) of N."""
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K/N such as 0/4, got {text!r}") from None
+    if not 0 <= k < n:
+        raise argparse.ArgumentTypeError(f"expected K/N with 0 <= K < N, got {text!r}")
+    return k, n
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="attnlib", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"attnlib {attnlib.__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("selfcheck", help="compare attnlib with PyTorch on random inputs")
-    grade = commands.add_parser("grade", help="grade an exercise notebook (its code runs in a child process)")
-    grade.add_argument("notebook", metavar="PATH.ipynb", help="the notebook to grade")
+    grade = commands.add_parser("grade", help="grade an exercise notebook, or every notebook of a folder "
+                                              "(their code runs in a child process)")
+    grade.add_argument("notebook", metavar="PATH", help="the notebook to grade (PATH.ipynb), or a folder: every "
+                                                       "notebook under it (e.g. notebooks/) graded one after "
+                                                       "another, in one table (exit status 1 if some could not be)")
     grade.add_argument("--json", action="store_true", help="print the result as JSON")
     grade.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                        help=f"wall-clock limit for running the notebook's code (default: {DEFAULT_TIMEOUT:g}; "
@@ -96,11 +111,25 @@ def main(argv: list[str] | None = None) -> int:
     klass.add_argument("--gradebook", action="store_true",
                        help="write the scores into nbgrader's gradebook.db and the autograded/ notebooks")
     klass.add_argument("--force", action="store_true", help="regrade students already graded")
+    klass.add_argument("--scheduler", metavar="ADDRESS",
+                       help="grade on a Dask cluster: its scheduler's address (tcp://host:8786) or scheduler "
+                            "file (.json); the workers need the same attnlib (pip install 'attnlib[cluster]')")
+    klass.add_argument("--part", metavar="K/N", type=_part,
+                       help="grade only part K of N of the class (K = 0..N-1; one batch job each), then run "
+                            "once without --part to merge the parts")
     klass.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.command == "selfcheck":
         return selfcheck()
     if args.command == "grade":
+        if Path(args.notebook).is_dir():
+            from attnlib.grading.folder import grade_folder
+
+            if args.source is not None:
+                print("attnlib grade: --source is for one notebook, not a folder (each notebook's source "
+                      "is found under solutions/)", file=sys.stderr)
+                return 2
+            return grade_folder(args.notebook, timeout=args.timeout, as_json=args.json)
         from attnlib.grading.runner import main as grade_main
 
         return grade_main(args.notebook, as_json=args.json, timeout=args.timeout, source=args.source)
@@ -115,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return class_main(args.assignment, root=args.root, source=args.source, out=args.out, jobs=args.jobs,
                           timeout=args.timeout, students=args.students, gradebook=args.gradebook,
-                          force=args.force, progress=not args.no_progress)
+                          force=args.force, progress=not args.no_progress, scheduler=args.scheduler,
+                          part=args.part)
     parser.print_help()
     return 2
 

@@ -53,7 +53,6 @@ import sys
 import threading
 import time
 import traceback
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -200,9 +199,19 @@ def _grade_student(student: str, assignment: str, root: Path, source_dir: Path, 
             raise _Interrupted(student)
 
     check_stop()
+    res, log = grade_submission(student, assignment, root, source_dir / assignment, grade_kwargs, grade_fn,
+                                check_stop)
+    check_stop()
+    return _store(res, log, root, source_dir, out_dir)
+
+
+def grade_submission(student: str, assignment: str, root: Path, src_folder: Path, grade_kwargs: dict,
+                     grade_fn: Callable, check_stop: Callable[[], None] = lambda: None) -> tuple[StudentResult, str]:
+    """Grade ``root/submitted/<student>/<assignment>/`` against the source notebooks in
+    ``src_folder``: the student's result and the text of their ``grade.log``, nothing written
+    (a Dask worker runs this on a copy of the files, :mod:`attnlib.grading.cluster`)."""
     t0 = time.perf_counter()
     folder = root / "submitted" / student / assignment
-    src_folder = source_dir / assignment
     expected = sorted(p.name for p in src_folder.glob("*.ipynb"))
     files = _submission_files(folder)
     submitted = sorted(p.name for p in files if p.suffix == ".ipynb" and p.parent == folder)
@@ -258,14 +267,19 @@ def _grade_student(student: str, assignment: str, root: Path, source_dir: Path, 
         res.max_score += float(entry["max_score"])
     res.seconds = time.perf_counter() - t0
     log.write(f"\ntotal: {_num(res.score)}/{_num(res.max_score)} in {res.seconds:.1f} s\n")
+    return res, log.getvalue()
+
+
+def _store(res: StudentResult, log: str, root: Path, source_dir: Path, out_dir: Path) -> StudentResult:
+    """Write a graded student's ``grade.log`` and ``result.json`` (last: it marks them done)."""
+    folder = root / "submitted" / res.student / res.assignment
     result = res.as_dict()
     result.update(format=RESULT_FORMAT, graded_at=_now(),
-                  submission_sha256=_sha256_files(files, folder),
-                  grader=_grader_fingerprint(src_folder))
-    dest = out_dir / student / assignment
-    check_stop()
-    _atomic_write(dest / "grade.log", log.getvalue())
-    _atomic_write(dest / "result.json", json.dumps(result, indent=2))  # last: marks it done
+                  submission_sha256=_sha256_files(_submission_files(folder), folder),
+                  grader=_grader_fingerprint(source_dir / res.assignment))
+    dest = out_dir / res.student / res.assignment
+    _atomic_write(dest / "grade.log", log)
+    _atomic_write(dest / "result.json", json.dumps(result, indent=2))
     return res
 
 
@@ -291,121 +305,6 @@ def _finished(student: str, assignment: str, root: Path, source_dir: Path, out_d
     return StudentResult(student, assignment, float(stored["score"]), float(stored["max_score"]),
                          stored.get("notebooks", []), stored.get("notes", []), skipped=True,
                          seconds=float(stored.get("seconds", 0.0)))
-
-
-# --------------------------------------------------------------------------- nbgrader's gradebook
-
-
-def _db_url(root: Path) -> str:
-    return f"sqlite:///{root / 'gradebook.db'}"
-
-
-def _check_gradebook(root: Path, assignment: str, expected: list[str]) -> None:
-    from nbgrader.api import Gradebook, MissingEntry
-
-    if not (root / "gradebook.db").exists():
-        raise ClassGradingError(f"no gradebook at {root / 'gradebook.db'}: run `nbgrader generate_assignment "
-                                f"{assignment}` (without --no-db) in {root} first")
-    with Gradebook(_db_url(root)) as gb:
-        try:
-            a = gb.find_assignment(assignment)
-        except MissingEntry:
-            raise ClassGradingError(f"the gradebook has no assignment {assignment!r}: run `nbgrader "
-                                    f"generate_assignment {assignment}` (without --no-db) first") from None
-        known = sorted(f"{nb.name}.ipynb" for nb in a.notebooks)
-        if known != expected:
-            raise ClassGradingError(f"the gradebook's notebooks of {assignment} are {known}, the source "
-                                    f"folder has {expected}: run `nbgrader generate_assignment {assignment} "
-                                    "--force` again")
-
-
-def _timestamp(folder: Path):
-    from nbgrader.utils import parse_utc
-
-    try:
-        return parse_utc((folder / "timestamp.txt").read_text().strip())
-    except Exception:
-        return None
-
-
-def _write_gradebook(root: Path, result: StudentResult) -> None:
-    """Scores into nbgrader's gradebook, as ``nbgrader autograde`` writes them."""
-    from nbgrader.api import Gradebook
-
-    folder = root / "submitted" / result.student / result.assignment
-    with Gradebook(_db_url(root)) as gb, warnings.catch_warnings():
-        # nbgrader's add_submission under SQLAlchemy 2: harmless, see nbgrader_config.py
-        warnings.filterwarnings("ignore", message=r"Object of type <Submitted\w+> not in session")
-        gb.update_or_create_student(result.student)
-        stamp = _timestamp(folder)
-        if stamp is not None:
-            gb.update_or_create_submission(result.assignment, result.student, timestamp=stamp)
-        else:
-            gb.update_or_create_submission(result.assignment, result.student)
-        for entry in result.notebooks:
-            nb_id = entry["name"][: -len(".ipynb")]
-            points = {i["id"]: i["points"] for i in entry.get("items", [])}
-            sub_nb = gb.find_submission_notebook(nb_id, result.assignment, result.student)
-            for grade in sub_nb.grades:
-                grade.auto_score = float(points.get(grade.name, 0))
-                grade.needs_manual_grade = grade.manual_score is not None
-        gb.db.commit()
-
-
-def _write_autograded(root: Path, result: StudentResult, source_dir: Path) -> None:
-    """``autograded/<student>/<assignment>/<nb>.ipynb`` for ``nbgrader generate_feedback``: the
-    submission's cells (never executed here) with the source's test cells in place of the
-    submission's, each showing this grader's verdict as its output."""
-    import nbformat
-
-    from .notebook import strip_hidden_tests
-
-    for entry in result.notebooks:
-        src = nbformat.read(str(source_dir / result.assignment / entry["name"]), as_version=4)
-        sub = None
-        if entry.get("file") and entry.get("status") == "graded":
-            try:
-                sub = nbformat.read(str(root / "submitted" / result.student / result.assignment / entry["file"]),
-                                    as_version=4)
-            except Exception:
-                sub = None
-        feedback = {i["id"]: i for i in entry.get("items", [])}
-        grade_cells = {}
-        for cell in src.cells:
-            nbg = cell.get("metadata", {}).get("nbgrader", {})
-            if nbg.get("grade") and not nbg.get("solution"):
-                test = nbformat.from_dict(cell)
-                test.source = strip_hidden_tests(test.source).rstrip()
-                item = feedback.get(nbg.get("grade_id"), {})
-                verdict = (f"{_num(item.get('points', 0))}/{_num(item.get('max_points', nbg.get('points', 0)))} "
-                           f"points. {item.get('feedback', '')}").strip()
-                test.outputs = [nbformat.v4.new_output("stream", name="stdout", text=verdict + "\n")]
-                test.execution_count = None
-                grade_cells[nbg.get("grade_id")] = test
-        cells = []
-        if sub is not None:
-            used = set()
-            for cell in sub.cells:
-                gid = cell.get("metadata", {}).get("nbgrader", {}).get("grade_id")
-                if gid in grade_cells:
-                    if gid not in used:
-                        cells.append(grade_cells[gid])
-                        used.add(gid)
-                    continue
-                cell = nbformat.from_dict(cell)
-                if cell.cell_type == "code":
-                    cell.outputs, cell.execution_count = [], None
-                cells.append(cell)
-            cells += [c for gid, c in grade_cells.items() if gid not in used]
-        else:
-            message = entry.get("message", "not graded")
-            cells.append(nbformat.v4.new_markdown_cell(f"**{message}**"))
-            cells += list(grade_cells.values())
-        out = nbformat.v4.new_notebook(cells=cells, metadata=src.metadata)
-        for n, cell in enumerate(out.cells):  # ids unique and valid whatever the submission held
-            cell["id"] = f"cell-{n}"
-        dest = root / "autograded" / result.student / result.assignment / entry["name"]
-        _atomic_write(dest, nbformat.writes(out))
 
 
 # --------------------------------------------------------------------------- the class
@@ -457,11 +356,16 @@ def grade_class(assignment: str, root: str | os.PathLike = ".", source: str = "s
                 out: str = DEFAULT_OUT, jobs: int | None = None, timeout: float = DEFAULT_TIMEOUT,
                 gradebook: bool = False, force: bool = False, students: list[str] | None = None,
                 progress: bool = True, grade_fn: Callable | None = None,
-                grade_kwargs: dict | None = None) -> list[StudentResult]:
+                grade_kwargs: dict | None = None, scheduler: str | None = None,
+                part: tuple[int, int] | None = None) -> list[StudentResult]:
     """Grade every student's submission of ``assignment``; see the module docstring.
 
     ``grade_fn`` (default :func:`attnlib.grading.runner.grade_notebook`) is called as
-    ``grade_fn(path, source=..., timeout=..., **grade_kwargs)``. Raises
+    ``grade_fn(path, source=..., timeout=..., **grade_kwargs)``. With ``scheduler`` (a Dask
+    scheduler's address or scheduler file) the students are graded on that cluster's workers
+    (:mod:`attnlib.grading.cluster`; ``grade_fn`` and ``jobs`` do not apply). ``part=(k, n)``
+    grades only the students at positions ``k, k + n, k + 2n, ...`` of the sorted class (one
+    batch job of ``n``; a run without it then merges their results). Raises
     :class:`ClassGradingError` when nothing can be graded.
     """
     from .runner import grade_notebook
@@ -480,11 +384,21 @@ def grade_class(assignment: str, root: str | os.PathLike = ".", source: str = "s
         if unknown:
             raise ClassGradingError(f"no submission of {assignment} for {', '.join(unknown)} in {root / 'submitted'}")
         all_students = [s for s in all_students if s in set(students)]
+    if part is not None:
+        k, n = part
+        if not 0 <= k < n:
+            raise ClassGradingError(f"a part is K/N with 0 <= K < N, got {k}/{n}")
+        if gradebook:
+            raise ClassGradingError("--gradebook needs the whole class: grade the parts without it, then "
+                                    "run once without --part to merge them into the gradebook")
+        all_students = all_students[k::n]
     if not all_students:
         raise ClassGradingError(f"no submissions: expected {root / 'submitted'}/<student>/{assignment}/ "
                                 "(nbgrader collect or zip_collect puts them there)")
     if gradebook:
-        _check_gradebook(root, assignment, expected)
+        from .gradebook import check_gradebook
+
+        check_gradebook(root, assignment, expected)
     kwargs = dict(grade_kwargs or {})
     kwargs["timeout"] = timeout
     hide = [root / "submitted", root / "autograded", root / "feedback", out_dir, root / "gradebook.db",
@@ -496,15 +410,26 @@ def grade_class(assignment: str, root: str | os.PathLike = ".", source: str = "s
         if "hide" in inspect.signature(grade_notebook).parameters:
             kwargs.setdefault("hide", [p for p in hide if p.exists()])
 
+    cluster = None
+    if scheduler is not None:
+        from .cluster import DaskGrading
+
+        cluster = DaskGrading(scheduler, assignment, root, src_folder, kwargs)
     stop = _Stop()
-    with stop.installed():
-        return _grade_all(assignment, root, source_dir, out_dir, all_students, jobs, gradebook, force,
-                          progress, grade_fn, kwargs, stop)
+    try:
+        with stop.installed():
+            return _grade_all(assignment, root, source_dir, out_dir, all_students, jobs, gradebook, force,
+                              progress, grade_fn, kwargs, stop, cluster)
+    finally:
+        if cluster is not None:
+            cluster.close()
 
 
 def _grade_all(assignment: str, root: Path, source_dir: Path, out_dir: Path, all_students: list[str],
                jobs: int | None, gradebook: bool, force: bool, progress: bool, grade_fn: Callable,
-               kwargs: dict, stop: _Stop) -> list[StudentResult]:
+               kwargs: dict, stop: _Stop, cluster: Any = None) -> list[StudentResult]:
+    from .gradebook import write_autograded, write_gradebook
+
     results: dict[str, StudentResult] = {}
     todo = []
     for s in all_students:
@@ -520,27 +445,37 @@ def _grade_all(assignment: str, root: Path, source_dir: Path, out_dir: Path, all
         if s in results:
             bar.update(results[s])
             if gradebook:
-                _write_gradebook(root, results[s])
+                write_gradebook(root, results[s])
 
     def finished(fut: concurrent.futures.Future, s: str) -> None:
         try:
             r = fut.result()
-        except (_Interrupted, concurrent.futures.CancelledError):
+            if cluster is not None:  # graded on a worker: this machine writes the files
+                r = _store(*r, root, source_dir, out_dir)
+        except _Interrupted:
             return
-        except Exception as exc:  # writing the result failed (disk full?): say so, go on
+        except concurrent.futures.CancelledError:
+            if stop.is_set():
+                return
+            r = StudentResult(s, assignment, notes=["grading failed: the cluster cancelled the task"])
+        except Exception as exc:  # writing the result failed (disk full?), or the workers died: go on
             r = StudentResult(s, assignment, notes=[f"grading failed: {type(exc).__name__}: {exc}"])
         results[s] = r
         if gradebook:  # one thread writes the gradebook (SQLite)
-            _write_gradebook(root, r)
-            _write_autograded(root, r, source_dir)
+            write_gradebook(root, r)
+            write_autograded(root, r, source_dir)
         bar.update(r)
 
     jobs = max(1, jobs or os.cpu_count() or 1)
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=jobs)
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=jobs) if cluster is None else None
     try:
-        futures = {} if stop.is_set() else {
-            pool.submit(_grade_student, s, assignment, root, source_dir, out_dir, kwargs, grade_fn, stop.event): s
-            for s in todo}
+        if stop.is_set():
+            futures = {}
+        elif cluster is None:
+            futures = {pool.submit(_grade_student, s, assignment, root, source_dir, out_dir, kwargs, grade_fn,
+                                   stop.event): s for s in todo}
+        else:
+            futures = {cluster.submit(s): s for s in todo}
         pending = set(futures)
         while pending and not stop.is_set():
             done, pending = concurrent.futures.wait(pending, timeout=0.2,
@@ -551,14 +486,17 @@ def _grade_all(assignment: str, root: Path, source_dir: Path, out_dir: Path, all
             bar.interrupted()
             for fut in pending:
                 fut.cancel()
-            running = {f for f in pending if not f.cancelled()}
-            while running:  # the students in flight: kill their children until their threads return
+            # the students in flight here: kill their children until their threads return (on a
+            # cluster, their tasks finish on the workers and are dropped)
+            running = {f for f in pending if not f.cancelled()} if cluster is None else set()
+            while running:
                 _kill_sandboxes()
                 done, running = concurrent.futures.wait(running, timeout=0.1)
                 for fut in done:
                     finished(fut, futures[fut])
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     ordered = [results[s] for s in all_students if s in results]
     not_graded = [s for s in all_students if s not in results]
     if stop.signum is not None and not_graded:
