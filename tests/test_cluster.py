@@ -191,3 +191,32 @@ def test_parts_are_batch_jobs_that_a_plain_run_merges(tmp_path):
         grade_class(A, root=root, part=(3, 3), progress=False, grade_fn=refuse)
     with pytest.raises(ClassGradingError, match="--gradebook needs the whole class"):
         grade_class(A, root=root, part=(0, 3), gradebook=True, progress=False, grade_fn=refuse)
+
+
+def test_the_readme_kubernetes_job_runs_every_part_once():
+    """The Indexed Job of the README: one pod per part, each with a valid ``--part`` (checked
+    with the command's own parser), the parts covering the class once."""
+    import re
+
+    import yaml
+
+    from attnlib.cli import _part
+
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"Kubernetes Indexed Job.*?```yaml\n(.*?)```", readme, re.S).group(1)
+    job = yaml.safe_load(block)
+    spec = job["spec"]
+    assert job["kind"] == "Job" and spec["completionMode"] == "Indexed"
+    n = spec["completions"]
+    [container] = spec["template"]["spec"]["containers"]
+    args = container["args"]
+    assert container["command"] == ["attnlib"] and args[:2] == ["grade-class", A]
+    part = args[args.index("--part") + 1]
+    assert part == f"$(JOB_COMPLETION_INDEX)/{n}"
+    parts = [_part(part.replace("$(JOB_COMPLETION_INDEX)", str(k))) for k in range(n)]
+    students = list(range(50))
+    assert sorted(s for k, m in parts for s in students[k::m]) == students
+    usage = subprocess.run([sys.executable, "-m", "attnlib.cli", "grade-class", "--help"], capture_output=True,
+                           text=True, check=True).stdout
+    assert all(a in usage for a in args if a.startswith("--"))
+    assert "--gradebook" not in args  # the parts write no gradebook: the merging run does
