@@ -73,6 +73,19 @@ def _part(text: str) -> tuple[int, int]:
     return k, n
 
 
+def _course_report(out: Path) -> int:
+    """``attnlib grade-class --report``: the course's page from every class summary in ``out``."""
+    from attnlib.grading.class_report import ReportError, write_course_report
+
+    try:
+        page = write_course_report(out.resolve())
+    except ReportError as exc:
+        print(f"attnlib grade-class: no course report: {exc}", file=sys.stderr)
+        return 2
+    print(f"the course's page: {page} (each assignment's: {out.resolve()}/<assignment>/report.html)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="attnlib", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"attnlib {attnlib.__version__}")
@@ -98,11 +111,14 @@ def main(argv: list[str] | None = None) -> int:
                     "grader, in parallel; results go to graded/<student>/ASSIGNMENT/ (result.json, grade.log). "
                     "Ctrl-C or SIGTERM stop it, keeping the students finished so far (exit status 128 + the "
                     "signal); run it again to resume after an interruption.")
-    klass.add_argument("assignment", metavar="ASSIGNMENT", help="the assignment, e.g. 02_queries_keys_values")
+    klass.add_argument("assignment", metavar="ASSIGNMENT", nargs="?",
+                       help="the assignment, e.g. 02_queries_keys_values (optional with --report)")
     klass.add_argument("--root", default=".", help="the course root (default: the current directory)")
     klass.add_argument("--source", default="solutions", help="the source directory (default: solutions)")
     klass.add_argument("--out", default="graded", help="where results go, under the root (default: graded)")
-    klass.add_argument("--jobs", "-j", type=int, default=None, help="submissions graded at once (default: every core)")
+    klass.add_argument("--jobs", "-j", type=int, default=None,
+                       help="submissions graded at once here (default: every core; with --scheduler, the "
+                            "workers' threads decide)")
     klass.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                        help=f"wall-clock limit per notebook (default: {DEFAULT_TIMEOUT:g}; cells and cases have "
                             "their own limits, as for attnlib grade)")
@@ -118,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
                        help="grade only part K of N of the class (K = 0..N-1; one batch job each), then run "
                             "once without --part to merge the parts")
     klass.add_argument("--no-progress", action="store_true", help="no progress bar")
+    klass.add_argument("--report", action="store_true",
+                       help="also write the course's page: every assignment graded so far, per chapter and per "
+                            "learner (OUT/report.html; each assignment's own page, OUT/ASSIGNMENT/report.html, "
+                            "is written after every run); without ASSIGNMENT, only that, grading nothing")
     args = parser.parse_args(argv)
     if args.command == "selfcheck":
         return selfcheck()
@@ -136,16 +156,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "grade-class":
         from attnlib.grading.classroom import main as class_main
 
+        if args.assignment is None:
+            if not args.report:
+                print("attnlib grade-class: expected an ASSIGNMENT to grade, or --report for the course's page",
+                      file=sys.stderr)
+                return 2
+            return _course_report(Path(args.root) / args.out)
+
         if args.jobs is not None and args.jobs < 1:
             print("attnlib grade-class: --jobs must be at least 1", file=sys.stderr)
             return 2
         if args.timeout <= 0:
             print("attnlib grade-class: --timeout must be positive", file=sys.stderr)
             return 2
-        return class_main(args.assignment, root=args.root, source=args.source, out=args.out, jobs=args.jobs,
-                          timeout=args.timeout, students=args.students, gradebook=args.gradebook,
-                          force=args.force, progress=not args.no_progress, scheduler=args.scheduler,
-                          part=args.part)
+        status = class_main(args.assignment, root=args.root, source=args.source, out=args.out, jobs=args.jobs,
+                            timeout=args.timeout, students=args.students, gradebook=args.gradebook,
+                            force=args.force, progress=not args.no_progress, scheduler=args.scheduler,
+                            part=args.part)
+        if args.report and status == 0:
+            status = _course_report(Path(args.root) / args.out)
+        return status
     parser.print_help()
     return 2
 

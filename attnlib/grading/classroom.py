@@ -34,9 +34,11 @@ grader's feedback, so that ``nbgrader generate_feedback`` and ``nbgrader export`
 unchanged. The assignment must be in the gradebook already (``nbgrader generate_assignment
 <assignment>`` without ``--no-db`` records it).
 
-At the end a table of scores and a count of failures by kind are printed, and
+At the end a table of scores and a count of failures by kind are printed,
 ``<out>/<assignment>.csv`` / ``<out>/<assignment>.json`` hold the class's results (after an
-interruption: the students finished so far; the others are listed as not graded).
+interruption: the students finished so far; the others are listed as not graded), and
+``<out>/<assignment>/report.html`` (and ``report.json``) shows what the class gets wrong
+(:mod:`attnlib.grading.class_report`).
 """
 
 from __future__ import annotations
@@ -523,6 +525,13 @@ def _write_summary(out_dir: Path, assignment: str, results: list[StudentResult],
         {"assignment": assignment, "students": [r.as_dict() for r in results],
          "failures_by_kind": dict(failures_by_kind(results)), "not_graded": list(not_graded),
          "stopped_by": _signal_name(stopped_by) if stopped_by else None}, indent=2))
+    from .class_report import write_assignment_report
+
+    try:  # what the class gets wrong: <assignment>/report.html and .json
+        write_assignment_report(out_dir, assignment)
+    except Exception as exc:  # the report is an extra: never worth the class's results
+        print(f"attnlib grade-class: warning: the class report was not written: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
 
 
 def main(assignment: str, root: str = ".", **options: Any) -> int:
@@ -543,7 +552,8 @@ def main(assignment: str, root: str = ".", **options: Any) -> int:
               "Run the same command again to grade the others.", file=sys.stderr)
         return 128 + exc.signum
     print(format_summary(results))
-    print(f"results: {out}/<student>/{assignment}/result.json and grade.log; class table: {out}/{assignment}.csv")
+    print(f"results: {out}/<student>/{assignment}/result.json and grade.log; class table: {out}/{assignment}.csv; "
+          f"what the class gets wrong: {out}/{assignment}/report.html")
     if options.get("gradebook"):
         print("gradebook updated: `nbgrader generate_feedback` and `nbgrader export` work as usual")
     return 0
