@@ -412,8 +412,7 @@ def _input_message(exercise: Exercise, path: str, how: str) -> str:
                 f"leave the inputs as they are and compute new tensors")
     mistake = next((m for m in exercise.mistakes if m.changes_input), None)
     if mistake is not None:
-        return (f"Looks like {mistake.name}: {_sentence(mistake.explanation)} See "
-                f"{site.section_url(mistake.section)}.\n({what})")
+        return mistake_message(mistake, what)
     return f"{_sentence(what)} See {_section_of(exercise)}."
 
 
@@ -451,6 +450,13 @@ def _sentence(text: str) -> str:
     return text if text.endswith((".", "?", "!")) else text + "."
 
 
+def mistake_message(mistake: Mistake, seen: str) -> str:
+    """The feedback on work recognised as ``mistake``: its name, explanation and section of the
+    book, then what was seen, in parentheses (:func:`judge`'s words, and an extra check's)."""
+    return (f"Looks like {mistake.name}: {_sentence(mistake.explanation)} See "
+            f"{site.section_url(mistake.section)}.\n({seen})")
+
+
 def _section_of(exercise: Exercise) -> str:
     """The exercise's section as an address on the course site, for "See ..."."""
     return site.section_url(exercise.section) if exercise.section else "the chapter of this exercise"
@@ -485,9 +491,7 @@ def _explain(exercise: Exercise, case: Case, output: Any, ref: Any, exact: Any, 
         except Exception:  # a mistake that cannot run on this case does not match it
             continue
         if compare._matches(output, candidate, ref, exact, case, exercise):
-            return (f"Looks like {mistake.name}: {_sentence(mistake.explanation)} See "
-                    f"{site.section_url(mistake.section)}.\n"
-                    f"({failure.message})")
+            return mistake_message(mistake, failure.message)
     return f"{_sentence(failure.message)} See {_section_of(exercise)}."
 
 

@@ -58,7 +58,7 @@ from ...latent import mla_absorbed_attention
 from ...masks import sink_window_mask
 from ...paged import PagedKVCache
 from ...transformer import TinyGPT, TransformerBlock
-from ..core import Case, Exercise, Mistake, judge, register, section_url
+from ..core import Case, Exercise, Mistake, judge, mistake_message, register, section_url
 from .ch06_mqa_gqa import _build_module
 from .ch09_flash_attention import _TensorRecorder
 from .common import F64, clone_args, generator, randn, state_dict
@@ -69,12 +69,6 @@ GENERATION = f"{PAGE}#generation-with-a-kv-cache"
 PAGED = f"{PAGE}#paged-kv-cache-blocks-and-a-block-table"
 LATENT = f"{PAGE}#latent-attention-and-weight-absorption"
 SINKS = f"{PAGE}#sliding-windows-and-attention-sinks"
-
-
-def _named(mistake: Mistake, seen: str) -> str:
-    """An extra check's message for a recognised mistake, in ``judge``'s words."""
-    return (f"Looks like {mistake.name}: {mistake.explanation} See {section_url(mistake.section)}.\n"
-            f"({seen})")
 
 
 def _step_message(where: str, result_message: str, description: str, section: str) -> str:
@@ -927,8 +921,8 @@ def _mla_no_per_head_kv(student: Callable[..., Any], case: Case) -> str | None:
         student(*args, **kwargs)
     for shape, dtype in rec.tensors:
         if (dtype.is_floating_point or dtype.is_complex) and S in shape and (D in shape or HD in shape):
-            return _named(_MLA_NAIVE, f"built a tensor of shape {shape}, with an axis of the S = {S} cached "
-                                      f"tokens and one of head_dim = {D} or n_heads * head_dim = {HD}")
+            return mistake_message(_MLA_NAIVE, f"built a tensor of shape {shape}, with an axis of the S = {S} "
+                                               f"cached tokens and one of head_dim = {D} or n_heads * head_dim = {HD}")
     return None
 
 
@@ -1220,9 +1214,9 @@ def _generate_calls(student: Callable[..., Any], case: Case) -> str | None:
         if sizes == [P] + [1] * (max_new - 1) and all(cached[1:]):
             return None
         if sizes == growing and not any(cached):
-            return _named(_CACHE_IGNORED, seen)
+            return mistake_message(_CACHE_IGNORED, seen)
         if sizes == growing and all(cached[1:]):
-            return _named(_WHOLE_THROUGH_CACHE, seen)
+            return mistake_message(_WHOLE_THROUGH_CACHE, seen)
         return (f"{seen}; expected the prompt once, then each new token alone through the caches: "
                 f"{[P] + [1] * (max_new - 1)} tokens (the last new token needs no forward pass). "
                 f"See {section_url(GENERATION)}.")

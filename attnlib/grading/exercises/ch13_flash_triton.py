@@ -66,7 +66,7 @@ import torch
 from torch import Tensor
 
 from ...kernel_lint import lint_kernel_source
-from ..core import Case, Exercise, Mistake, register, section_url
+from ..core import Case, Exercise, Mistake, mistake_message, register, section_url
 from . import ChapterUnavailable
 from .common import NO_FUSED, NO_SOFTMAX, generator
 
@@ -245,12 +245,6 @@ def _foreign_calls(fn: types.FunctionType, tree: ast.AST) -> list[tuple[int, str
     return found
 
 
-def _named(mistake: Mistake, seen: str) -> str:
-    """An extra check's message for a recognised mistake, in ``judge``'s words."""
-    return (f"Looks like {mistake.name}: {mistake.explanation} See {section_url(mistake.section)}.\n"
-            f"({seen})")
-
-
 def _kernel_source_check(kernel: Any, case: Case, *, race: Mistake | None, no_other: Mistake) -> str | None:
     """What the values cannot show under the interpreter, read from the kernel's source (and
     from the learner's ``@triton.jit`` helpers it calls): a ``tl.store`` racing with other
@@ -286,7 +280,7 @@ def _kernel_source_check(kernel: Any, case: Case, *, race: Mistake | None, no_ot
         for kind, mistake in (("race", race), ("unmasked-other", no_other)):
             for p in problems:
                 if p.kind == kind and mistake is not None:
-                    return _named(mistake, f"{where.format(p.line)}: {p.message}")
+                    return mistake_message(mistake, f"{where.format(p.line)}: {p.message}")
         todo += _learner_kernels(fn, tree)
     return None
 
