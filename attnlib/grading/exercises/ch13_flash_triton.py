@@ -54,12 +54,14 @@ from __future__ import annotations
 
 import ast
 import builtins
+import functools
 import inspect
 import math
 import os
 import sys
 import textwrap
 import types
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -283,6 +285,24 @@ def _kernel_source_check(kernel: Any, case: Case, *, race: Mistake | None, no_ot
                     return mistake_message(mistake, f"{where.format(p.line)}: {p.message}")
         todo += _learner_kernels(fn, tree)
     return None
+
+
+def _register_kernel(ex_id: str, reference: Any, section: str, make_cases: Callable[[bool], list[Case]],
+                     mistakes: tuple[Mistake, ...], launch: Callable[..., Any], *, race: Mistake | None,
+                     no_other: Mistake) -> Exercise:
+    """Register one of the chapter's two kernel exercises: its ``extra_check`` is the source
+    check, naming ``race`` and ``no_other`` (:func:`_kernel_source_check`)."""
+    return register(Exercise(
+        id=ex_id,
+        chapter=13,
+        reference=reference,
+        section=section,
+        make_cases=make_cases,
+        mistakes=mistakes,
+        forbidden=FORBIDDEN,
+        extra_check=functools.partial(_kernel_source_check, race=race, no_other=no_other),
+        launch=launch,
+    ))
 
 
 # ============================================================================ cases
@@ -581,22 +601,8 @@ FWD_MISTAKES = (
     _FWD_NO_OTHER,
 )
 
-
-def _fwd_source_check(kernel: Any, case: Case) -> str | None:
-    return _kernel_source_check(kernel, case, race=None, no_other=_FWD_NO_OTHER)
-
-
-register(Exercise(
-    id="flash_fwd_kernel",
-    chapter=13,
-    reference=flash_fwd_kernel,
-    section=FORWARD,
-    make_cases=_fwd_cases,
-    mistakes=FWD_MISTAKES,
-    forbidden=FORBIDDEN,
-    extra_check=_fwd_source_check,
-    launch=launch_forward,
-))
+_register_kernel("flash_fwd_kernel", flash_fwd_kernel, FORWARD, _fwd_cases, FWD_MISTAKES, launch_forward,
+                 race=None, no_other=_FWD_NO_OTHER)
 
 
 # ============================================================================ backward mistakes
@@ -815,19 +821,5 @@ BWD_MISTAKES = (
     _BWD_NO_OTHER,
 )
 
-
-def _bwd_source_check(kernel: Any, case: Case) -> str | None:
-    return _kernel_source_check(kernel, case, race=_BWD_RACE, no_other=_BWD_NO_OTHER)
-
-
-register(Exercise(
-    id="flash_bwd_kernel",
-    chapter=13,
-    reference=flash_bwd_kernel,
-    section=BACKWARD,
-    make_cases=_bwd_cases,
-    mistakes=BWD_MISTAKES,
-    forbidden=FORBIDDEN,
-    extra_check=_bwd_source_check,
-    launch=launch_backward,
-))
+_register_kernel("flash_bwd_kernel", flash_bwd_kernel, BACKWARD, _bwd_cases, BWD_MISTAKES, launch_backward,
+                 race=_BWD_RACE, no_other=_BWD_NO_OTHER)
