@@ -30,12 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "solutions" / "13_flash_triton" / "13_flash_triton.ipynb"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _kernels(tmp_path: Path, source: str):
