@@ -145,19 +145,20 @@ def _entry_codes() -> frozenset[types.CodeType]:
     kernel: the learner's kernel runs inside it), and the input helpers of
     ``exercises/common.py`` (seeded tensors), and the handlers of the torch modes the extra
     checks enter (a recorder's ``__torch_function__``: torch calls it at each of the learner's
-    torch calls while the check runs the learner's code). Everything else there (the catalogued
-    mistakes, the correct helpers they are built from, the extra checks) is the grader's own
-    answer key."""
+    torch calls while the check runs the learner's code), found in the classes of every module
+    imported under ``attnlib.grading.exercises`` (a chapter's module, or its package and their
+    submodules). Everything else there (the catalogued mistakes, the correct helpers they are
+    built from, the extra checks) is the grader's own answer key."""
     from attnlib.grading import exercises
     from attnlib.grading.exercises import common
 
     codes = {getattr(f, "__code__", None) for e in EXERCISES.values() for f in (e.make_cases, e.build_args, e.launch)}
     codes |= {getattr(getattr(common, n, None), "__code__", None)
               for n in ("randn", "rand_bool", "state_dict", "clone_args")}
-    for name in ("common", *exercises.CHAPTER_MODULES):
-        for obj in vars(sys.modules[f"{exercises.__name__}.{name}"]).values():
-            if isinstance(obj, type):
-                codes |= {getattr(vars(obj).get(n), "__code__", None) for n in _MODE_CALLBACKS}
+    for name, module in sorted(sys.modules.items()):
+        if name.startswith(f"{exercises.__name__}.") and isinstance(module, types.ModuleType):
+            classes = [obj for obj in vars(module).values() if isinstance(obj, type)]
+            codes |= {getattr(vars(c).get(n), "__code__", None) for c in classes for n in _MODE_CALLBACKS}
     codes.discard(None)
     return frozenset(codes)  # type: ignore[arg-type]
 
