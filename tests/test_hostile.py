@@ -1221,6 +1221,20 @@ def test_the_grader_code_guard_covers_every_module_the_child_runs() -> None:
         chapter._causal_cases = cases
     assert changed == [f"{chapter.__name__}._causal_cases"], changed
 
+    # and one of a chapter package's submodules, under the submodule's name (not its package's)
+    from attnlib.grading.exercises.ch12_todays_llms import paged as submodule
+
+    package = submodule.__name__.rsplit(".", 1)[0]
+    intact = {k: v for k, v in child._snapshot().items() if k.startswith(package + ".")}
+    schedule = submodule._append_schedule
+    try:
+        submodule._append_schedule = lambda student, case: None
+        changed = child._restore(intact)
+        assert submodule._append_schedule is schedule
+    finally:
+        submodule._append_schedule = schedule
+    assert changed == [f"{submodule.__name__}._append_schedule"], changed
+
     # a function the guard imported from the watcher, replaced under the guard's own name, too
     from attnlib.grading import guard as guard_mod
 
