@@ -26,7 +26,7 @@ import inspect
 import textwrap
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -240,15 +240,8 @@ def _upcast(obj: Any) -> Any:
 
 
 def _upcast_case(case: Case) -> Case:
-    return Case(
-        name=case.name,
-        args=_upcast(case.args),
-        kwargs=_upcast(case.kwargs),
-        init_args=_upcast(case.init_args),
-        state_dict=None if case.state_dict is None else _upcast(case.state_dict),
-        method=case.method,
-        low_precision=False,
-    )
+    return replace(case, args=_upcast(case.args), kwargs=_upcast(case.kwargs), init_args=_upcast(case.init_args),
+                   state_dict=None if case.state_dict is None else _upcast(case.state_dict), low_precision=False)
 
 
 def _build(cls: Callable, case: Case) -> Any:
@@ -325,9 +318,7 @@ def _tensor_change(before: Tensor, after: Any) -> str | None:
     same = a == b
     if a.is_floating_point() or a.is_complex():
         same = same | (torch.isnan(a) & torch.isnan(b))
-    if bool(same.all()):
-        return None
-    return f"{int((~same).sum())} of {b.numel()} entries changed"
+    return None if bool(same.all()) else f"{int((~same).sum())} of {b.numel()} entries changed"
 
 
 def _first_change(before: Any, after: Any, path: str) -> tuple[str, str] | None:
@@ -651,7 +642,6 @@ def check(exercise_id: str, student: Callable, hidden: bool = False) -> None:
     if failed:
         lines = [f"{exercise_id}: {len(results) - len(failed)}/{len(results)} cases passed; failed:"]
         for r in failed:
-            lines.append(f"- {r.case}:")
-            lines.append(textwrap.indent(r.message, "    "))
+            lines += [f"- {r.case}:", textwrap.indent(r.message, "    ")]
         raise AssertionError("\n".join(lines))
     print(f"{exercise_id}: {len(results)}/{len(results)} cases passed")
