@@ -478,12 +478,12 @@ def _gather_schedule(student: Callable[..., Any], case: Case) -> str | None:
 
 
 register(Exercise(
-    id="PagedKVCache",  # grades gather (see the module's docstring)
+    id="PagedKVCache",  # grades gather (see the package's docstring)
     chapter=12,
     reference=PagedKVCache,
     kind="module",
     section=PAGED,
-    # The case's own call is the schedule's first append (see the module's docstring): the
+    # The case's own call is the schedule's first append (see the package's docstring): the
     # extra check judges gather on caches filled through the reference's state.
     make_cases=lambda hidden: [_paged_case(name, "append")
                                for name in (_HIDDEN_SCHEDULES if hidden else _VISIBLE_SCHEDULES)],

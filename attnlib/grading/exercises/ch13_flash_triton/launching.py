@@ -32,7 +32,7 @@ BACKWARD = f"{PAGE}#the-backward-kernel-and-dq"
 UNSEEN = f"{PAGE}#what-the-interpreter-cannot-show"
 TOP_LEFT = "05_self_cross_masks.html#is-causal-when-l-s-top-left-or-bottom-right"
 
-#: What a graded kernel may not call or launch (see the module's docstring).
+#: What a graded kernel may not call or launch (see the package's docstring).
 FORBIDDEN = ("attnlib.triton_flash.flash_fwd_kernel", "attnlib.triton_flash.flash_bwd_kernel",
              "attnlib.triton_flash.flash_attention_triton", "attnlib.attention", "attnlib.flash") \
     + NO_FUSED + NO_SOFTMAX
