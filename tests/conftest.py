@@ -1,9 +1,11 @@
-"""Shared test helpers: seeded random tensors and the low-precision error rule."""
+"""Shared test helpers: seeded random tensors, the low-precision error rule, and a module
+fixture that runs torch on one thread."""
 
 from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
@@ -38,3 +40,15 @@ def same_value(a: object, b: object) -> bool:
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
     return type(a) is type(b) and a == b
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread while a module's tests run, the setting restored afterwards: for tiny
+    tensors a second thread only adds hand-off overhead (much of it on a busy machine), and one
+    thread makes training runs repeatable. A module asks for it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

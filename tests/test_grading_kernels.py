@@ -1,4 +1,4 @@
-"""Chapter 13's graded kernels (attnlib/grading/exercises/ch13_flash_triton.py): Triton kernels,
+"""Chapter 13's graded kernels (attnlib/grading/exercises/ch13_flash_triton/): Triton kernels,
 launched, not called, and run on the CPU under Triton's interpreter.
 
 The parametrised tests of every exercise (tests/test_grading_early.py, test_grading_late.py,
@@ -30,12 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "solutions" / "13_flash_triton" / "13_flash_triton.ipynb"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _kernels(tmp_path: Path, source: str):
@@ -129,15 +124,15 @@ def _variant(tmp_path: Path, name: str, fwd: str | None = None, bwd: str | None 
 
 
 def test_the_hardened_grader_fails_a_course_kernel_under_the_learners_name(tmp_path):
+    backward = "attnlib.grading.exercises.ch13_flash_triton.backward"  # a catalogued mistake's kernel
     path = _variant(tmp_path, "alias",
                     fwd="from attnlib.triton_flash import flash_fwd_kernel  # the course's own\n",
-                    bwd="from attnlib.grading.exercises.ch13_flash_triton import _bwd_variant as flash_bwd_kernel\n")
+                    bwd=f"from {backward} import _bwd_variant as flash_bwd_kernel\n")
     report = grade_notebook(path, source=SOURCE)
     feedback = {i.id: i.feedback for i in report.items}
     assert report.score == 0, feedback
     assert "called attnlib.triton_flash.flash_fwd_kernel, which this exercise forbids" in feedback["test_flash_fwd_kernel"]
-    assert "called the grader's own code (attnlib.grading.exercises.ch13_flash_triton._bwd_variant)" \
-        in feedback["test_flash_bwd_kernel"]
+    assert f"called the grader's own code ({backward}._bwd_variant)" in feedback["test_flash_bwd_kernel"]
 
 
 def test_the_hardened_grader_fails_a_cell_that_launches_the_course_kernel(tmp_path):

@@ -35,13 +35,8 @@ BOOK = Path(__file__).resolve().parent.parent / "book"
 NO_SCORE_MATRIX = "must never materialise the L x S score matrix"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread: the many tiny tensor operations are faster without thread hand-offs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One thread (tests/conftest.py): the many tiny tensor operations are faster without hand-offs.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _anchors(page: str) -> set[str]:

@@ -1155,8 +1155,9 @@ def test_watcher_spares_the_exercises_own_checks(tmp_path: Path) -> None:
 
 
 def test_watcher_spares_every_chapter_module_and_nothing_of_its_own() -> None:
-    """Every chapter's exercise module (``attnlib/grading/exercises/``) runs checks in the
-    child and is spared like the fake module above; the grader's own machinery is not."""
+    """Every chapter's exercise module (``attnlib/grading/exercises/``, a chapter package's
+    submodules included) runs checks in the child and is spared like the fake module above;
+    the grader's own machinery is not."""
     import os
     import sys
 
@@ -1164,8 +1165,9 @@ def test_watcher_spares_every_chapter_module_and_nothing_of_its_own() -> None:
     from attnlib.grading import watcher as watcher_mod
 
     watcher = watcher_mod.CallWatcher(("attnlib",), child._SENTINELS)
-    modules = [sys.modules[f"{exercises.__name__}.{name}"] for name in exercises.CHAPTER_MODULES]
+    modules = [m for name, m in sys.modules.items() if name.startswith(f"{exercises.__name__}.")]
     assert len(modules) >= 11
+    assert all(f"{exercises.__name__}.{name}" in sys.modules for name in exercises.CHAPTER_MODULES)
     files = {os.path.abspath(m.__file__) for m in modules} | {os.path.abspath(exercises.__file__)}
     missing = files - watcher.exempt_files
     assert not missing, f"exercise modules the watcher would blame for the learner: {missing}"
@@ -1218,6 +1220,20 @@ def test_the_grader_code_guard_covers_every_module_the_child_runs() -> None:
     finally:
         chapter._causal_cases = cases
     assert changed == [f"{chapter.__name__}._causal_cases"], changed
+
+    # and one of a chapter package's submodules, under the submodule's name (not its package's)
+    from attnlib.grading.exercises.ch12_todays_llms import paged as submodule
+
+    package = submodule.__name__.rsplit(".", 1)[0]
+    intact = {k: v for k, v in child._snapshot().items() if k.startswith(package + ".")}
+    schedule = submodule._append_schedule
+    try:
+        submodule._append_schedule = lambda student, case: None
+        changed = child._restore(intact)
+        assert submodule._append_schedule is schedule
+    finally:
+        submodule._append_schedule = schedule
+    assert changed == [f"{submodule.__name__}._append_schedule"], changed
 
     # a function the guard imported from the watcher, replaced under the guard's own name, too
     from attnlib.grading import guard as guard_mod

@@ -27,14 +27,8 @@ from attnlib.tasks import (
 from attnlib.transformer import TinyGPT
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: a second thread only adds overhead, and one thread makes the training
-    runs repeatable; the setting is restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny tensors, and one thread makes the training runs repeatable (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gen(seed: int = 0) -> torch.Generator:

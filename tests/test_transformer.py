@@ -18,14 +18,8 @@ from conftest import assert_low_precision_ok, randn
 VOCAB = 11
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: a second thread only adds overhead (much of it on a busy
-    machine), so this file runs single-threaded and restores the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# The tensors here are tiny: a second thread only adds overhead (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model(n_kv_heads=None, seed=0, dtype=torch.float64, **kw):

@@ -385,15 +385,16 @@ def _guarded_modules() -> tuple[types.ModuleType, ...]:
     """The grader's modules whose code runs in this process: this one, the checks
     (:mod:`attnlib.grading.core`), the files it writes (:mod:`attnlib.grading.protocol`), any
     other module of ``attnlib/grading`` they import (e.g. the course's secret) and the
-    exercises' own code (their cases, ``build_args`` and extra checks, in
-    :mod:`attnlib.grading.exercises`: every chapter module and the helpers they share), and
-    the modules a chapter names in its ``GUARDED`` (code its checks run on the learner's
-    behalf: chapter 13's kernel launchers, :mod:`attnlib.triton_flash`)."""
+    exercises' own code (their cases, ``build_args`` and extra checks: every module imported
+    under :mod:`attnlib.grading.exercises`, each chapter's module or package with its
+    submodules, and the helpers they share), and the modules a chapter names in its
+    ``GUARDED`` (code its checks run on the learner's behalf: chapter 13's kernel launchers,
+    :mod:`attnlib.triton_flash`)."""
     import attnlib.grading.core as core
     from attnlib.grading import exercises
 
-    chapters = tuple(sys.modules[f"{exercises.__name__}.{name}"]
-                     for name in ("common", *exercises.CHAPTER_MODULES))
+    chapters = tuple(m for name, m in sorted(sys.modules.items())
+                     if name.startswith(f"{exercises.__name__}.") and isinstance(m, types.ModuleType))
     named = (_THIS, core, protocol, exercises)
     others = tuple(m for name, m in sorted(sys.modules.items())
                    if name.startswith("attnlib.grading.") and name.count(".") == 2
@@ -434,6 +435,7 @@ def _snapshot() -> dict[str, Any]:
 def _restore(intact: dict[str, Any]) -> list[str]:
     """Put back every one of the grader's own objects the notebook replaced; their names."""
     modules = {m.__name__: m for m in _guarded_modules()}
+    longest_first = sorted(modules, key=len, reverse=True)  # a chapter package's submodules before it
     changed = []
     for key, obj in intact.items():
         try:
@@ -449,7 +451,7 @@ def _restore(intact: dict[str, Any]) -> list[str]:
                     changed.append(key)
                     setattr(TorchFunctionMode, attr, obj)
                 continue
-            module_name = next(m for m in modules if key.startswith(m + "."))
+            module_name = next(m for m in longest_first if key.startswith(m + "."))
             parts = key[len(module_name) + 1:].split(".")
             module = modules[module_name]
             if len(parts) == 1:

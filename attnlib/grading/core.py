@@ -26,7 +26,7 @@ import inspect
 import textwrap
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -240,15 +240,8 @@ def _upcast(obj: Any) -> Any:
 
 
 def _upcast_case(case: Case) -> Case:
-    return Case(
-        name=case.name,
-        args=_upcast(case.args),
-        kwargs=_upcast(case.kwargs),
-        init_args=_upcast(case.init_args),
-        state_dict=None if case.state_dict is None else _upcast(case.state_dict),
-        method=case.method,
-        low_precision=False,
-    )
+    return replace(case, args=_upcast(case.args), kwargs=_upcast(case.kwargs), init_args=_upcast(case.init_args),
+                   state_dict=None if case.state_dict is None else _upcast(case.state_dict), low_precision=False)
 
 
 def _build(cls: Callable, case: Case) -> Any:
@@ -325,9 +318,7 @@ def _tensor_change(before: Tensor, after: Any) -> str | None:
     same = a == b
     if a.is_floating_point() or a.is_complex():
         same = same | (torch.isnan(a) & torch.isnan(b))
-    if bool(same.all()):
-        return None
-    return f"{int((~same).sum())} of {b.numel()} entries changed"
+    return None if bool(same.all()) else f"{int((~same).sum())} of {b.numel()} entries changed"
 
 
 def _first_change(before: Any, after: Any, path: str) -> tuple[str, str] | None:
@@ -412,8 +403,7 @@ def _input_message(exercise: Exercise, path: str, how: str) -> str:
                 f"leave the inputs as they are and compute new tensors")
     mistake = next((m for m in exercise.mistakes if m.changes_input), None)
     if mistake is not None:
-        return (f"Looks like {mistake.name}: {_sentence(mistake.explanation)} See "
-                f"{site.section_url(mistake.section)}.\n({what})")
+        return mistake_message(mistake, what)
     return f"{_sentence(what)} See {_section_of(exercise)}."
 
 
@@ -451,6 +441,13 @@ def _sentence(text: str) -> str:
     return text if text.endswith((".", "?", "!")) else text + "."
 
 
+def mistake_message(mistake: Mistake, seen: str) -> str:
+    """The feedback on work recognised as ``mistake``: its name, explanation and section of the
+    book, then what was seen, in parentheses (:func:`judge`'s words, and an extra check's)."""
+    return (f"Looks like {mistake.name}: {_sentence(mistake.explanation)} See "
+            f"{site.section_url(mistake.section)}.\n({seen})")
+
+
 def _section_of(exercise: Exercise) -> str:
     """The exercise's section as an address on the course site, for "See ..."."""
     return site.section_url(exercise.section) if exercise.section else "the chapter of this exercise"
@@ -485,9 +482,7 @@ def _explain(exercise: Exercise, case: Case, output: Any, ref: Any, exact: Any, 
         except Exception:  # a mistake that cannot run on this case does not match it
             continue
         if compare._matches(output, candidate, ref, exact, case, exercise):
-            return (f"Looks like {mistake.name}: {_sentence(mistake.explanation)} See "
-                    f"{site.section_url(mistake.section)}.\n"
-                    f"({failure.message})")
+            return mistake_message(mistake, failure.message)
     return f"{_sentence(failure.message)} See {_section_of(exercise)}."
 
 
@@ -647,7 +642,6 @@ def check(exercise_id: str, student: Callable, hidden: bool = False) -> None:
     if failed:
         lines = [f"{exercise_id}: {len(results) - len(failed)}/{len(results)} cases passed; failed:"]
         for r in failed:
-            lines.append(f"- {r.case}:")
-            lines.append(textwrap.indent(r.message, "    "))
+            lines += [f"- {r.case}:", textwrap.indent(r.message, "    ")]
         raise AssertionError("\n".join(lines))
     print(f"{exercise_id}: {len(results)}/{len(results)} cases passed")

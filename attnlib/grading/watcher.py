@@ -60,14 +60,10 @@ _ROOTS: set[types.CodeType] = set()
 def _trusted_roots() -> tuple[str, ...]:
     import attnlib
 
+    paths = sysconfig.get_paths()
     roots = {os.path.dirname(os.path.abspath(attnlib.__file__))}
-    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
-        path = sysconfig.get_paths().get(key)
-        if path:
-            roots.add(os.path.abspath(path))
-    for p in sys.path:
-        if p and ("site-packages" in p or "dist-packages" in p):
-            roots.add(os.path.abspath(p))
+    roots |= {os.path.abspath(paths[key]) for key in ("stdlib", "platstdlib", "purelib", "platlib") if paths.get(key)}
+    roots |= {os.path.abspath(p) for p in sys.path if p and ("site-packages" in p or "dist-packages" in p)}
     return tuple(sorted(roots))
 
 
@@ -128,12 +124,8 @@ def _exercise_files(grading_dir: str) -> frozenset[str]:
     own = {"core.py", "child.py", "watcher.py", "guard.py", "steps.py", "runner.py", "supervisor.py", "report.py",
            "sandbox.py", "notebook.py", "protocol.py", "__init__.py", "compare.py", "site.py", "summary.py",
            "stopping.py"}
-    files = set()
-    for top, _dirs, names in os.walk(grading_dir):
-        for f in names:
-            if f.endswith(".py") and not (top == grading_dir and f in own):
-                files.add(os.path.join(top, f))
-    return frozenset(files)
+    return frozenset(os.path.join(top, f) for top, _dirs, names in os.walk(grading_dir) for f in names
+                     if f.endswith(".py") and not (top == grading_dir and f in own))
 
 
 _EXERCISE_FILES = _exercise_files(_GRADING_DIR.rstrip(os.sep))
@@ -145,19 +137,20 @@ def _entry_codes() -> frozenset[types.CodeType]:
     kernel: the learner's kernel runs inside it), and the input helpers of
     ``exercises/common.py`` (seeded tensors), and the handlers of the torch modes the extra
     checks enter (a recorder's ``__torch_function__``: torch calls it at each of the learner's
-    torch calls while the check runs the learner's code). Everything else there (the catalogued
-    mistakes, the correct helpers they are built from, the extra checks) is the grader's own
-    answer key."""
+    torch calls while the check runs the learner's code), found in the classes of every module
+    imported under ``attnlib.grading.exercises`` (a chapter's module, or its package and their
+    submodules). Everything else there (the catalogued mistakes, the correct helpers they are
+    built from, the extra checks) is the grader's own answer key."""
     from attnlib.grading import exercises
     from attnlib.grading.exercises import common
 
     codes = {getattr(f, "__code__", None) for e in EXERCISES.values() for f in (e.make_cases, e.build_args, e.launch)}
     codes |= {getattr(getattr(common, n, None), "__code__", None)
               for n in ("randn", "rand_bool", "state_dict", "clone_args")}
-    for name in ("common", *exercises.CHAPTER_MODULES):
-        for obj in vars(sys.modules[f"{exercises.__name__}.{name}"]).values():
-            if isinstance(obj, type):
-                codes |= {getattr(vars(obj).get(n), "__code__", None) for n in _MODE_CALLBACKS}
+    for name, module in sorted(sys.modules.items()):
+        if name.startswith(f"{exercises.__name__}.") and isinstance(module, types.ModuleType):
+            classes = [obj for obj in vars(module).values() if isinstance(obj, type)]
+            codes |= {getattr(vars(c).get(n), "__code__", None) for c in classes for n in _MODE_CALLBACKS}
     codes.discard(None)
     return frozenset(codes)  # type: ignore[arg-type]
 
@@ -173,12 +166,9 @@ def _kernel_starts() -> frozenset[types.CodeType]:
     course's kernel (or a catalogued mistake's) given the learner's name is caught. Empty
     where Triton's interpreter is not loaded (no Triton, or kernels compiled for a GPU)."""
     interpreter = sys.modules.get("triton.runtime.interpreter")
-    found = set()
-    for owner in ("GridExecutor", "InterpretedFunction"):
-        code = getattr(getattr(getattr(interpreter, owner, None), "__call__", None), "__code__", None)
-        if isinstance(code, types.CodeType):
-            found.add(code)
-    return frozenset(found)
+    codes = [getattr(getattr(getattr(interpreter, owner, None), "__call__", None), "__code__", None)
+             for owner in ("GridExecutor", "InterpretedFunction")]
+    return frozenset(code for code in codes if isinstance(code, types.CodeType))
 
 
 _KERNEL_STARTS = _kernel_starts()
@@ -651,7 +641,6 @@ class CallWatcher:
     def tampered_with(self) -> bool:
         """The learner's code switched this watcher off (explicitly) during the graded call."""
         return bool(self.violation and self.violation.startswith("!changed the grader's call watcher"))
-
 
 
 #: The grader's own calls of ``sys.setprofile`` (the guard adds its own).

@@ -12,7 +12,7 @@ functions can be called.
 ``tools/build_exercises.py`` turns each module into ``solutions/NN_<topic>/NN_<topic>.ipynb``
 (nbgrader's source) and, with ``--release``, ``notebooks/``. The chapter's title comes from its
 book page; its number and notebook name from the module's file name. The graded cases and named
-mistakes live in ``attnlib/grading/exercises/chNN_<topic>.py``.
+mistakes live in ``attnlib/grading/exercises/chNN_<topic>.py`` (or its package ``chNN_<topic>/``).
 """
 
 from __future__ import annotations

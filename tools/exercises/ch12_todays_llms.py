@@ -2,7 +2,7 @@
 
 ``make release`` builds ``solutions/12_todays_llms/`` and ``notebooks/12_todays_llms/`` from
 this file (see ``tools/exercises/__init__.py``); the cases and named mistakes that grade the
-notebook are in ``attnlib/grading/exercises/ch12_todays_llms.py``.
+notebook are in the package ``attnlib/grading/exercises/ch12_todays_llms/``.
 """
 
 from __future__ import annotations

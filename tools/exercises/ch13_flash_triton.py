@@ -2,7 +2,7 @@
 
 ``make release`` builds ``solutions/13_flash_triton/`` and ``notebooks/13_flash_triton/`` from
 this file (see ``tools/exercises/__init__.py``); the cases and named mistakes that grade the
-notebook are in ``attnlib/grading/exercises/ch13_flash_triton.py``.
+notebook are in the package ``attnlib/grading/exercises/ch13_flash_triton/``.
 
 The solutions are Triton kernels: ``@triton.jit`` functions with the parameters of the
 course's kernels, whose bodies the builder copies into the notebook like a function's.

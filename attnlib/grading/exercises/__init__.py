@@ -1,8 +1,10 @@
 """The graded exercises, one module per chapter of the book.
 
 Each ``chNN_<topic>.py`` holds its chapter's cases, its catalogue of common mistakes and the
-``register(...)`` calls; its docstring lists its exercise ids. Importing this package
-imports every chapter module in chapter order, which registers the exercises in
+``register(...)`` calls; its docstring lists its exercise ids. A large chapter is a package
+``chNN_<topic>/`` instead, whose ``__init__.py`` holds that docstring and imports its
+submodules (one job each) in the order their exercises are registered. Importing this
+package imports every chapter module in chapter order, which registers the exercises in
 :data:`attnlib.grading.core.EXERCISES`. A new chapter's module is found by its file name:
 nothing here names a chapter.
 
