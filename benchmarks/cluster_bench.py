@@ -60,7 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--assignment", default="02_queries_keys_values")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="local jobs, and Dask workers of one thread each (default: every core)")
+    parser.add_argument("--replot", action="store_true", help="only redraw cluster.png from the last results")
     args = parser.parse_args(argv)
+    if args.replot:
+        with open(RESULTS / "cluster.csv", newline="") as f:
+            rows = [{k: float(v) if k.endswith("_s") else v for k, v in r.items()} for r in csv.DictReader(f)]
+        _plot(rows, json.loads((RESULTS / "cluster.json").read_text())["summary"])
+        return 0
 
     import torch
 
@@ -130,6 +136,7 @@ def _plot(rows: list[dict], summary: dict) -> None:
     rates = [summary["local"]["submissions_per_minute"], summary["dask"]["submissions_per_minute"]]
     bars = left.bar(ways, rates, color=["#4c72b0", "#dd8452"])
     left.bar_label(bars, fmt="%.0f")
+    left.set_ylim(0, 1.15 * max(rates))
     left.set_ylabel("submissions per minute")
     left.set_title(f"{summary['students']} submissions, {summary['workers']} workers", fontsize=10)
     top = max(max(r["local_s"], r["dask_s"]) for r in rows)

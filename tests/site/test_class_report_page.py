@@ -14,22 +14,17 @@ Run with ``.venv/bin/python -m pytest tests/site/test_class_report_page.py``.
 
 from __future__ import annotations
 
-import functools
-import http.server
 import json
-import shutil
-import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
+from conftest import serve
 
 from attnlib.grading.class_report import write_course_report
 
 ROOT = Path(__file__).resolve().parents[2]
 AXE = ROOT / "tests" / "site" / "node_modules" / "axe-core" / "axe.min.js"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
 A = "02_queries_keys_values"
 PAGES = [f"{A}/report.html", "report.html"]
 VIEWPORTS = {"desktop": {"width": 1280, "height": 900}, "phone": {"width": 390, "height": 844}}
@@ -83,30 +78,10 @@ def reports(tmp_path_factory) -> Path:
     return out
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture(scope="module")
 def server(reports):
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(reports)))
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    executable = shutil.which("chromium") or shutil.which("chromium-browser")
-    if executable is None:
-        pytest.fail("Debian's chromium is not installed: `make test` installs it (apt-get install chromium)")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS)
-        yield browser
-        browser.close()
+    with serve(reports) as address:
+        yield address
 
 
 class Watch:

@@ -22,19 +22,17 @@ Run after ``make book`` (``make test`` does both).
 
 from __future__ import annotations
 
-import functools
-import http.server
 import json
 import os
 import re
 import shutil
-import threading
 import urllib.request
 from pathlib import Path
-from urllib.parse import quote, urljoin, urlparse
+from urllib.parse import quote, urlparse
 
 import pytest
 import yaml
+from conftest import serve
 
 ROOT = Path(__file__).resolve().parents[2]
 SITE = ROOT / "_build" / "html"
@@ -42,8 +40,6 @@ SHOTS = ROOT / "_build" / "screenshots"
 AXE = ROOT / "tests" / "site" / "node_modules" / "axe-core" / "axe.min.js"
 VIEWPORT = {"width": 1280, "height": 900}
 MAX_IMAGE_SCALE = 1.3  # natural / displayed width of a figure
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
 
 
 def toc_pages() -> list[str]:
@@ -91,30 +87,8 @@ def assert_graded_notebook(body: bytes, what: str) -> None:
 def server():
     if not (SITE / "index.html").exists():
         pytest.fail(f"no built site at {SITE}: run `make book` first")
-    handler = functools.partial(_QuietHandler, directory=str(SITE))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):  # keep the test output readable
-        pass
-
-
-@pytest.fixture(scope="session")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    executable = shutil.which("chromium") or shutil.which("chromium-browser")
-    if executable is None:
-        pytest.fail("Debian's chromium is not installed: `make test` installs it (apt-get install chromium)")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS)
-        yield browser
-        browser.close()
+    with serve(SITE) as address:
+        yield address
 
 
 @pytest.fixture(scope="session", autouse=True)
