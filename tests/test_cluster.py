@@ -103,7 +103,7 @@ def test_the_cluster_grades_as_the_local_pool(course, cluster):
     assert dask == local
     assert local["alice"]["score"] == local["alice"]["max_score"] == local["erin"]["score"] > 0
     assert 0 < local["bob"]["score"] < local["alice"]["score"] and local["carol"]["score"] == 0
-    assert "NaN" in local["dan"]["items"][0][0]["feedback"]  # softmax overflows on large logits
+    assert local["dan"]["items"][0][0]["feedback"].startswith("Looks like no max subtraction")  # named
     assert "alice" in proc.stdout and "mean" in proc.stdout  # the summary table is printed
     logs = {s: (course / "graded-dask" / s / A / "grade.log").read_text() for s in local}
     assert all("graded on the Dask worker tcp://127.0.0.1:" in text for text in logs.values())

@@ -178,6 +178,14 @@ def _softmax_no_shift(x: Tensor, dim: int = -1) -> Tensor:
     return e / e.sum(dim=dim, keepdim=True)
 
 
+def _softmax_no_shift_guarded(x: Tensor, dim: int = -1) -> Tensor:
+    """The shift left out of an otherwise careful softmax: half precision upcast, and a row
+    whose exponentials all underflow divided by 1 instead of 0 (zeros, not NaN)."""
+    e = torch.exp(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x)
+    total = e.sum(dim=dim, keepdim=True)
+    return (e / torch.where(total == 0, torch.ones_like(total), total)).to(x.dtype)
+
+
 def _softmax_ignores_dim(x: Tensor, dim: int = -1) -> Tensor:
     return _softmax(x.float(), dim=-1).to(x.dtype) if x.dtype in (torch.float16, torch.bfloat16) \
         else _softmax(x, dim=-1)
@@ -226,6 +234,11 @@ register(Exercise(
                 "exp(x) overflows to inf for large logits (and underflows to 0 for very negative "
                 "ones), giving inf/inf = NaN; subtract each row's maximum first.",
                 f"{PAGE}#a-softmax-that-cannot-overflow", _softmax_no_shift),
+        Mistake("no max subtraction (empty rows guarded)",
+                "exp(x) of the raw scores still overflows to inf for large logits (inf/inf = NaN); "
+                "the guard for a row that sums to 0 only hides the underflow of very negative "
+                "ones. Subtract each row's maximum first.",
+                f"{PAGE}#a-softmax-that-cannot-overflow", _softmax_no_shift_guarded),
         Mistake("max taken over the whole tensor",
                 "one maximum for the whole tensor instead of one per row: a row far below it "
                 "underflows to all zeros.", f"{PAGE}#a-softmax-that-cannot-overflow", _softmax_global_max),
