@@ -180,7 +180,7 @@ def test_parts_are_batch_jobs_that_a_plain_run_merges(tmp_path):
     for k in range(3):
         grade_class(A, root=root, part=(k, 3), progress=False, grade_fn=fake)
     assert sorted(seen) == students and len(seen) == len(set(seen))
-    assert seen[:3] == ["s00", "s03", "s06"]
+    assert sorted(seen[:3]) == ["s00", "s03", "s06"]  # part 0 first (two threads: either order within it)
 
     def refuse(path, **kwargs):
         raise AssertionError(f"{path} was graded again")
